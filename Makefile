@@ -1,0 +1,70 @@
+# megatron-dapo: set-up, main job and tests on a fresh machine.
+#   make demo   set up (if needed) and run the main job on the embedded CPU default
+#   make test   set up (if needed) and run the whole test suite
+# Set-up is idempotent: the virtual environment is keyed by a hash of requirements/*.txt and
+# lives outside the checkout (ENV_ROOT), so a second run or a fresh clone on the same machine
+# reuses it.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON   ?= python3.11
+ENV_ROOT ?= $(HOME)/.cache/megatron-dapo
+CORE_REQS := requirements/pins.txt requirements/core.txt requirements/test.txt \
+             requirements/sglang.txt requirements/sglang-nodeps.txt
+CORE_HASH := $(shell cat $(CORE_REQS) | sha256sum | cut -c1-12)
+VENV     ?= $(ENV_ROOT)/venv-core-$(CORE_HASH)
+VPY      := $(VENV)/bin/python
+# Debian packages the tests need (none yet; later issues add Prometheus, SLURM, munge).
+APT_PACKAGES ?=
+
+PYTEST_ARGS ?=
+DEMO_CONFIG ?= configs/demo-cpu.yaml
+
+.PHONY: help env system-deps project demo test test-fast clean-env
+
+help:
+	@echo "make demo       run the main job on the embedded CPU default ($(DEMO_CONFIG))"
+	@echo "make test       run the whole test suite (slow, multi-rank and server tests included)"
+	@echo "make test-fast  inner loop: skip tests marked slow"
+	@echo "environment:    $(VENV)"
+
+# Core environment: exact pins from requirements/pins.txt. The path holds the content hash, so
+# the target needs no prerequisites (a fresh clone's newer file times do not force a rebuild).
+$(VENV)/.complete:
+	@echo "[setup] creating $(VENV)"
+	@rm -rf $(VENV)
+	@mkdir -p $(ENV_ROOT)
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet -c requirements/pins.txt pip setuptools wheel
+	$(VPY) -m pip install --quiet -c requirements/pins.txt -r requirements/core.txt \
+	  -r requirements/test.txt -r requirements/sglang.txt
+	$(VPY) -m pip install --quiet --no-deps -c requirements/pins.txt -r requirements/sglang-nodeps.txt
+	@touch $@
+
+env: $(VENV)/.complete
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "[setup] apt-get install$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+
+# This checkout, installed editable (no deps) into the environment; redone when the environment
+# points at another checkout.
+project: env
+	@where=$$($(VPY) -c "import megatron_dapo, os; print(os.path.dirname(os.path.dirname(os.path.abspath(megatron_dapo.__file__))))" 2>/dev/null); \
+	if [ "$$where" != "$(CURDIR)" ] || [ ! -x $(VENV)/bin/megatron-dapo ]; then \
+	  echo "[setup] installing this checkout into $(VENV)"; \
+	  $(VPY) -m pip install --quiet --no-deps --no-build-isolation -e . ; fi
+
+demo: project system-deps
+	$(VENV)/bin/megatron-dapo demo $(DEMO_CONFIG)
+
+test: project system-deps
+	cd $(CURDIR) && $(VPY) -m pytest $(PYTEST_ARGS)
+
+test-fast: project
+	cd $(CURDIR) && $(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean-env:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""megatron-dapo training plane: Megatron-Core policy, DAPO loss, optimizer, weight sync."""

@@ -1,0 +1,1 @@
+"""megatron-dapo data plane: prompts, rollout fleet, rewards, dynamic sampling (no Megatron)."""

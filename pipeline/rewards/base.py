@@ -1,0 +1,84 @@
+"""Shared reward types: the per-response result and the scorer interface."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+CORRECT_SCORE = 1.0
+"""Reward for an answer equivalent to the reference (DAPO paper)."""
+INCORRECT_SCORE = -1.0
+"""Reward for a wrong, missing or unverifiable answer (DAPO paper)."""
+
+
+@dataclass(frozen=True)
+class RewardResult:
+    """Correctness reward of one response.
+
+    Attributes:
+        score: the reward, +1 (correct) or -1 (otherwise).
+        acc: whether the answer was judged equivalent to the reference.
+        extracted: the answer the scorer extracted from the response, None if none was found.
+        timed_out: True if scoring was abandoned at its deadline (then score is -1).
+    """
+
+    score: float
+    acc: bool
+    extracted: str | None
+    timed_out: bool = False
+
+    @classmethod
+    def from_correctness(cls, acc: bool, extracted: str | None) -> RewardResult:
+        """The +1 / -1 result for a judged answer."""
+        return cls(score=CORRECT_SCORE if acc else INCORRECT_SCORE, acc=acc, extracted=extracted)
+
+    @classmethod
+    def timeout(cls) -> RewardResult:
+        """The result of a call abandoned at its deadline: scored as wrong."""
+        return cls(score=INCORRECT_SCORE, acc=False, extracted=None, timed_out=True)
+
+
+RewardFn = Callable[[str, str], RewardResult]
+"""A pure reward function ``(response, ground_truth) -> RewardResult``."""
+
+
+class RewardScorer(ABC):
+    """Scores responses against reference answers; usable as a context manager.
+
+    Scorers that own resources (worker processes) release them in :meth:`close`.
+    """
+
+    @abstractmethod
+    def score(self, response: str, ground_truth: str) -> RewardResult:
+        """Score one response (the generated text) against its reference answer."""
+
+    def score_batch(self, pairs: Sequence[tuple[str, str]]) -> list[RewardResult]:
+        """Score (response, ground_truth) pairs; results in input order."""
+        return [self.score(response, ground_truth) for response, ground_truth in pairs]
+
+    def close(self) -> None:  # noqa: B027 (optional hook, deliberately not abstract)
+        """Release resources; the default scorer holds none."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class FunctionScorer(RewardScorer):
+    """Adapts a pure, fast :data:`RewardFn` to the scorer interface (runs in-process)."""
+
+    def __init__(self, fn: RewardFn) -> None:
+        self._fn = fn
+
+    def score(self, response: str, ground_truth: str) -> RewardResult:
+        return self._fn(response, ground_truth)

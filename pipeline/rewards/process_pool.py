@@ -1,0 +1,172 @@
+"""A process pool whose calls are bounded by a wall-clock deadline.
+
+Some scorers (math-verify) guard against pathological inputs with ``signal.alarm``, which only
+works in a process's main thread and cannot interrupt code stuck in C. :class:`DeadlineProcessPool`
+runs such a callable in spawned worker processes (a ``ProcessPoolExecutor`` worker executes
+tasks in its main thread) and, when a call outlives its deadline, kills every worker, reaps it,
+starts a fresh pool, marks that call as timed out and resubmits the calls that were killed
+alongside it. No worker outlives :meth:`DeadlineProcessPool.close`.
+
+The callable is named by import path (``"package.module:function"``) so that any module-level
+function importable by the workers can be injected (workers inherit the parent's ``sys.path``).
+As with any spawn-based pool, a script using it must guard its entry point with
+``if __name__ == "__main__":``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, cast
+
+
+def _split_callable_path(path: str) -> tuple[str, str]:
+    """Split ``"package.module:function"`` into (module, attribute); ValueError if malformed."""
+    module_name, sep, attribute = path.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"callable path must look like 'package.module:function', got {path!r}")
+    return module_name, attribute
+
+
+@cache
+def _resolve_callable(path: str) -> Callable[..., Any]:
+    """Import ``"package.module:function"`` and return the function (cached per process).
+
+    Raises:
+        ValueError: if ``path`` is not of the form ``module:attribute``.
+        TypeError: if the attribute is not callable.
+    """
+    module_name, attribute = _split_callable_path(path)
+    fn: object = getattr(importlib.import_module(module_name), attribute)
+    if not callable(fn):
+        raise TypeError(f"{path!r} names a {type(fn).__name__}, not a function")
+    return fn
+
+
+def _invoke(path: str, args: tuple[Any, ...]) -> Any:
+    """Worker-side task: call the function named by ``path`` with ``args``."""
+    return _resolve_callable(path)(*args)
+
+
+@dataclass(frozen=True)
+class CallOutcome:
+    """Result of one call: its return value, or ``timed_out=True`` (value None)."""
+
+    value: Any = None
+    timed_out: bool = False
+
+
+class DeadlineProcessPool:
+    """Runs ``fn(*args)`` in ``num_workers`` spawned processes with a per-call deadline.
+
+    A call's deadline runs from its submission; at most ``num_workers`` calls are in flight, so
+    a call never waits in the queue behind others. Right after the pool (re)starts, the
+    deadline also covers worker start-up (spawn + importing ``fn``'s module, typically 0.2-2 s),
+    so choose ``timeout_s`` well above it. A ``fn_path`` that does not import raises in the
+    first call (ImportError / AttributeError).
+
+    Exceptions raised by ``fn`` propagate to the caller (the batch's other calls are abandoned).
+    If a worker dies, ``BrokenProcessPool`` propagates. In both cases the pool is restarted when
+    needed before the error propagates, so it stays usable.
+    """
+
+    def __init__(self, fn_path: str, num_workers: int, timeout_s: float) -> None:
+        """
+        Args:
+            fn_path: ``"package.module:function"``, a module-level function (picklable
+                arguments and return value).
+            num_workers: number of worker processes, >= 1.
+            timeout_s: wall-clock seconds a call may take before it is abandoned, > 0.
+
+        Raises:
+            ValueError: on a malformed ``fn_path``, or ``num_workers`` / ``timeout_s`` not > 0.
+        """
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got num_workers={num_workers}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got timeout_s={timeout_s}")
+        _split_callable_path(fn_path)
+        self._fn_path = fn_path
+        self._num_workers = num_workers
+        self._timeout_s = timeout_s
+        self._executor: ProcessPoolExecutor | None = self._new_executor()
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=self._num_workers,
+            mp_context=multiprocessing.get_context("spawn"),
+        )
+
+    def _live_executor(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            raise RuntimeError("DeadlineProcessPool is closed")
+        return self._executor
+
+    def _kill_workers(self) -> None:
+        """SIGKILL every worker, reap it, and shut the executor down."""
+        executor = self._live_executor()
+        # ProcessPoolExecutor has no public kill before Python 3.14 (kill_workers); its
+        # ``_processes`` maps pid -> multiprocessing.Process for the live workers.
+        workers = list(executor._processes.values())
+        for worker in workers:
+            worker.kill()
+        executor.shutdown(wait=True, cancel_futures=True)
+        for worker in workers:
+            worker.join()
+
+    def _restart(self) -> None:
+        self._kill_workers()
+        self._executor = self._new_executor()
+
+    def map(self, calls: Sequence[tuple[Any, ...]]) -> list[CallOutcome]:
+        """Run ``fn(*args)`` for each ``args`` in ``calls``; outcomes in input order."""
+        outcomes: list[CallOutcome | None] = [None] * len(calls)
+        pending = deque(range(len(calls)))
+        running: dict[Future[Any], tuple[int, float]] = {}
+        try:
+            while pending or running:
+                while pending and len(running) < self._num_workers:
+                    index = pending.popleft()
+                    future = self._live_executor().submit(_invoke, self._fn_path, calls[index])
+                    running[future] = (index, time.monotonic() + self._timeout_s)
+                next_deadline = min(deadline for _, deadline in running.values())
+                done, _ = wait(
+                    running,
+                    timeout=max(0.0, next_deadline - time.monotonic()),
+                    return_when=FIRST_COMPLETED,
+                )
+                for future in done:
+                    index, _ = running.pop(future)
+                    outcomes[index] = CallOutcome(value=future.result())
+                now = time.monotonic()
+                expired = [
+                    f for f, (_, deadline) in running.items() if deadline <= now and not f.done()
+                ]
+                if expired:
+                    for future in expired:
+                        outcomes[running.pop(future)[0]] = CallOutcome(timed_out=True)
+                    # Calls killed alongside go back to the front of the queue, in input order.
+                    killed = sorted((index for index, _ in running.values()), reverse=True)
+                    pending.extendleft(killed)
+                    running.clear()
+                    self._restart()
+        except BaseException as error:
+            # A dead worker breaks the executor; calls still running for an abandoned batch
+            # would delay later ones. Either way, start afresh before propagating.
+            if isinstance(error, BrokenProcessPool) or running:
+                self._restart()
+            raise
+        return cast(list[CallOutcome], outcomes)
+
+    def close(self) -> None:
+        """Stop and reap all workers (killing any still busy); idempotent."""
+        if self._executor is not None:
+            self._kill_workers()
+            self._executor = None

@@ -1,0 +1,188 @@
+"""The run-config schema, YAML loading, dotted overrides and their error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from megatron_dapo.advantages import ADVANTAGE_ESTIMATORS
+from megatron_dapo.config import (
+    ADVANTAGE_ESTIMATOR_NAMES,
+    LOSS_AGGREGATION_NAMES,
+    POLICY_LOSS_NAMES,
+    RunConfig,
+)
+from megatron_dapo.loss_aggregation import LOSS_AGGREGATIONS
+from megatron_dapo.policy_loss import POLICY_LOSSES
+from megatron_dapo.yaml_config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+DEMO = REPO / "configs" / "demo-cpu.yaml"
+
+
+def test_the_three_documented_configs_ship() -> None:
+    names = {p.name for p in SHIPPED_CONFIGS}
+    assert {"demo-cpu.yaml", "dapo-qwen2.5-32b.yaml", "dapo-qwen3-30b-a3b.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+    assert config.data_parallel_size >= 1
+
+
+def test_paper_config_matches_dapo_paper() -> None:
+    cfg = load_config(REPO / "configs" / "dapo-qwen2.5-32b.yaml")
+    assert (cfg.optimizer.lr, cfg.optimizer.lr_warmup_steps, cfg.optimizer.lr_decay_style) == (
+        1e-6,
+        20,
+        "constant",
+    )
+    assert (cfg.training.prompts_per_step, cfg.rollout.n_samples_per_prompt) == (512, 16)
+    assert cfg.training.mini_batch_size == 512
+    assert (cfg.algorithm.eps_low, cfg.algorithm.eps_high) == (0.2, 0.28)
+    assert (cfg.rollout.max_response_length, cfg.reward.overlong.cache_length) == (20480, 4096)
+    assert cfg.algorithm.kl_coef == 0.0 and cfg.algorithm.loss_aggregation == "token-mean"
+    assert cfg.algorithm.dynamic_sampling.enabled
+
+
+def test_moe_config_layout_fits_64_gpus() -> None:
+    cfg = load_config(REPO / "configs" / "dapo-qwen3-30b-a3b.yaml")
+    assert cfg.launch.world_size == 64
+    assert cfg.model.moe is not None and cfg.model.moe.num_experts == 128
+    par = cfg.parallelism
+    assert par.tensor * par.pipeline * cfg.data_parallel_size == 64
+    assert cfg.model.moe.num_experts % par.expert == 0
+
+
+def test_demo_is_a_two_rank_moe() -> None:
+    cfg = load_config(DEMO)
+    assert cfg.model.moe is not None and cfg.launch.world_size == 2
+    assert cfg.parallelism.tensor * cfg.parallelism.expert > 1
+
+
+def test_dotted_overrides_are_parsed_as_yaml_values() -> None:
+    cfg = load_config(
+        DEMO,
+        [
+            "algorithm.eps_high=0.3",
+            "training.steps=7",
+            "algorithm.dual_clip_c=3",
+            "rollout.server_args=[--foo, bar]",
+            "model.moe.grouped_gemm=true",
+        ],
+    )
+    assert cfg.algorithm.eps_high == 0.3
+    assert cfg.training.steps == 7
+    assert cfg.algorithm.dual_clip_c == 3.0
+    assert cfg.rollout.server_args == ("--foo", "bar")
+    assert cfg.model.moe is not None and cfg.model.moe.grouped_gemm is True
+
+
+def test_override_can_create_a_missing_section_and_null_a_value() -> None:
+    cfg = load_config(DEMO, ["model.moe=null", "parallelism.expert=1"])
+    assert cfg.model.moe is None
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def _demo_with(tmp_path: Path, old: str, new: str) -> Path:
+    text = DEMO.read_text()
+    assert old in text
+    return _write(tmp_path, text.replace(old, new))
+
+
+def _line_of(path: Path, needle: str) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if needle in line)
+
+
+def test_unknown_key_names_file_line_and_suggestion(tmp_path: Path) -> None:
+    path = _demo_with(tmp_path, "  eps_high: 0.28", "  eps_hihg: 0.28")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert f"{path}:{_line_of(path, 'eps_hihg')}" in message
+    assert "unknown key 'algorithm.eps_hihg'" in message
+    assert "did you mean 'eps_high'" in message
+
+
+def test_bad_value_names_file_line_key_value_and_expectation(tmp_path: Path) -> None:
+    path = _demo_with(tmp_path, "  eps_low: 0.2", "  eps_low: 1.5")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert f"{path}:{_line_of(path, 'eps_low')}: algorithm.eps_low = 1.5" in message
+    assert "less than 1" in message
+
+
+def test_wrong_type_and_bad_literal_are_reported_together(tmp_path: Path) -> None:
+    path = _demo_with(tmp_path, "  policy_loss: dapo", "  policy_loss: ppo")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["training.steps=many"])
+    message = str(err.value)
+    assert "algorithm.policy_loss = 'ppo'" in message and "'dapo'" in message
+    assert "override 'training.steps=many': training.steps = 'many'" in message
+
+
+def test_missing_required_section(tmp_path: Path) -> None:
+    path = _write(tmp_path, "model:\n  num_layers: 2\n")
+    with pytest.raises(ConfigError, match="missing required key 'training'"):
+        load_config(path)
+
+
+def test_cross_section_rule_is_explained(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="parallelism.tensor=3 must divide"):
+        load_config(DEMO, ["parallelism.tensor=3"])
+    with pytest.raises(ConfigError, match="sequence_parallel=true for MoE"):
+        load_config(DEMO, ["parallelism.tensor=2", "parallelism.expert=1"])
+    with pytest.raises(ConfigError, match="mini_batch_size=60 must divide"):
+        load_config(DEMO, ["training.mini_batch_size=60"])
+    with pytest.raises(ConfigError, match="needs an MoE model"):
+        load_config(DEMO, ["model.moe=null"])
+
+
+def test_yaml_syntax_error_points_at_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, "model:\n  num_layers: [1,\n")
+    with pytest.raises(ConfigError, match=rf"{path}:3:1: not valid YAML"):
+        load_config(path)
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(_write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("bad", ["algorithm.eps_high", "=3", "a..b=1"])
+def test_malformed_override(bad: str) -> None:
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(DEMO, [bad])
+
+
+def test_override_through_a_scalar_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="algorithm.eps_high is a float, not a section"):
+        load_config(DEMO, ["algorithm.eps_high.x=1"])
+
+
+def test_configs_are_immutable() -> None:
+    cfg = load_config(DEMO)
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        cfg.algorithm.eps_high = 0.5  # type: ignore[misc]
+
+
+def test_config_names_match_the_algorithm_registries() -> None:
+    assert set(POLICY_LOSS_NAMES) == set(POLICY_LOSSES)
+    assert set(ADVANTAGE_ESTIMATOR_NAMES) == set(ADVANTAGE_ESTIMATORS)
+    assert set(LOSS_AGGREGATION_NAMES) == set(LOSS_AGGREGATIONS)

@@ -1,0 +1,61 @@
+"""DAPO-Math rule reward: final ``Answer:`` line, normalisation, +1 / -1."""
+
+import pytest
+
+from pipeline.rewards.dapo_math import dapo_math_reward, extract_final_answer, normalize_answer
+
+CASES = [
+    # (response, ground truth, expected acc, expected extracted)
+    ("Let me compute.\nAnswer: 42", "42", True, "42"),
+    ("Answer: 41", "42", False, "41"),
+    ("First try.\nAnswer: 3\nWait, that is wrong.\nAnswer: 5", "5", True, "5"),
+    ("First try.\nAnswer: 5\nWait, that is wrong.\nAnswer: 3", "5", False, "3"),
+    ("The answer is 42.", "42", False, None),
+    ("Answer:", "42", False, None),
+    ("Answer: \\boxed{42}", "42", True, "42"),
+    ("Answer: $42$", "42", True, "42"),
+    ("Answer: $\\boxed{\\dfrac{1}{2}}$.", "\\frac{1}{2}", True, "\\frac{1}{2}"),
+    ("Answer: 42.", "42", True, "42"),
+    ("answer:   42  ", "42", True, "42"),
+    ("**Answer:** 42", "42", True, "42"),
+    ("Answer: 1,000", "1000", True, "1000"),
+    ("Answer: 1000", "1,000", True, "1000"),
+    ("Answer: 1{,}000", "1000", True, "1000"),
+    ("Answer: 1,2", "12", False, "1,2"),
+    ("Answer: \\frac{1}{2}", "\\frac{1}{2}", True, "\\frac{1}{2}"),
+    ("Answer: \\frac12", "\\frac{1}{2}", True, "\\frac{1}{2}"),
+    ("Answer: 1/2", "\\frac{1}{2}", True, "\\frac{1}{2}"),
+    ("Answer: \\frac{1}{3}", "\\frac{1}{2}", False, "\\frac{1}{3}"),
+    ("Answer: \\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt3}{2}", True, "\\frac{\\sqrt{3}}{2}"),
+    ("Answer: x = 5", "5", True, "5"),
+    ("Answer: 5 \\text{ cm}", "5", True, "5"),
+    ("Answer: 16 square units", "16", True, "16"),
+    ("Answer: The total is $7$ dollars.", "7", True, "7"),
+    ("Answer: 90^\\circ", "90", True, "90"),
+    ("Answer: \\$5", "5", True, "5"),
+    ("Answer: 0.50", "0.5", True, "0.50"),
+    ("Answer: \u22123", "-3", True, "-3"),
+    ("Answer: \\left(1,2\\right)", "(1,2)", True, "(1,2)"),
+    ("Answer: 34", "\\boxed{34}", True, "34"),
+]
+
+
+@pytest.mark.parametrize(("response", "truth", "acc", "extracted"), CASES)
+def test_reward_table(response: str, truth: str, acc: bool, extracted: str | None) -> None:
+    result = dapo_math_reward(response, truth)
+    assert (result.acc, result.extracted) == (acc, extracted)
+    assert result.score == (1.0 if acc else -1.0)
+    assert not result.timed_out
+
+
+def test_extract_final_answer() -> None:
+    assert extract_final_answer("no answer here") is None
+    assert extract_final_answer("Answer: a\nAnswer: b\n") == "b"
+    assert extract_final_answer("Answer:\n7") == "7"
+
+
+def test_normalize_is_idempotent_on_table() -> None:
+    for response, truth, _, _ in CASES:
+        for text in (extract_final_answer(response) or "", truth):
+            once = normalize_answer(text)
+            assert normalize_answer(once) == once
