@@ -21,7 +21,7 @@ APT_PACKAGES ?=
 PYTEST_ARGS ?=
 DEMO_CONFIG ?= configs/demo-cpu.yaml
 
-.PHONY: help env system-deps project demo test test-fast clean-env
+.PHONY: help env system-deps project demo test test-fast pins clean-env
 
 help:
 	@echo "make demo       run the main job on the embedded CPU default ($(DEMO_CONFIG))"
@@ -65,6 +65,12 @@ test: project system-deps
 
 test-fast: project
 	cd $(CURDIR) && $(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Re-lock requirements/pins.txt from the environment (after editing requirements/*.txt: the
+# environment is rebuilt for the new hash with the old pins as constraints, then frozen).
+pins: env
+	{ grep '^#' requirements/pins.txt; $(VPY) -m pip freeze --all --exclude-editable; } \
+	  > requirements/pins.txt.new && mv requirements/pins.txt.new requirements/pins.txt
 
 clean-env:
 	rm -rf $(VENV)
