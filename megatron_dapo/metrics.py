@@ -1,0 +1,122 @@
+"""Prometheus metrics of the trainer: one `StepMetrics` per RL step, exported by rank 0.
+
+Every series carries the label `run` (`metrics.run_name`). Names follow Prometheus conventions
+(base units, `_seconds`, `_ratio`, `_total` for counters). The data plane exports its own queue
+and fleet series (`pipeline.metrics`) into the same registry when both run in one process.
+
+    exporter = TrainerMetricsExporter(run_name="demo", registry=CollectorRegistry())
+    exporter.serve("127.0.0.1", 9400)          # /metrics over HTTP
+    exporter.record(step_metrics)              # after every RL step
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+PREFIX = "dapo"
+STEP_PHASES = ("generate", "reward", "train", "weight_sync")
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """What one RL step measured (global values, already reduced over ranks).
+
+    Units: entropy and KL in nats per token, lengths in tokens, times in seconds, throughput
+    in tokens per second; fractions and ratios in [0, 1].
+    """
+
+    step: int
+    loss: float
+    entropy: float
+    clip_fraction_low: float
+    clip_fraction_high: float
+    approx_kl: float
+    reward_mean: float
+    accuracy: float
+    response_length_mean: float
+    response_length_max: float
+    response_length_min: float
+    truncated_ratio: float
+    advantage_mean: float
+    advantage_std: float
+    advantage_min: float
+    advantage_max: float
+    generation_tokens_per_second: float
+    training_tokens_per_second: float
+    grad_norm: float
+    learning_rate: float
+    trained_tokens: int
+    phase_seconds: Mapping[str, float] = field(default_factory=dict)
+    """Wall time per phase of the step; keys from `STEP_PHASES`."""
+    moe_aux_loss: float | None = None
+    moe_expert_load: tuple[float, ...] = ()
+    """Fraction of routed token slots per expert (summed over MoE layers), sums to 1."""
+
+
+class TrainerMetricsExporter:
+    """Owns the trainer's Prometheus series in `registry` and updates them from `StepMetrics`."""
+
+    def __init__(self, run_name: str, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self._run = run_name
+
+        def gauge(name: str, doc: str, *labels: str) -> Gauge:
+            return Gauge(f"{PREFIX}_{name}", doc, ("run", *labels), registry=registry)
+
+        self._step = gauge("step", "Last completed RL step")
+        self._loss = gauge("policy_loss", "Policy loss of the last step (token-level, global)")
+        self._entropy = gauge("policy_entropy_nats", "Mean policy entropy per response token")
+        self._clip = gauge("clip_fraction_ratio", "Fraction of loss tokens clipped", "bound")
+        self._kl = gauge("approx_kl_nats", "Approximate KL(pi_old || pi_theta) per token (k3)")
+        self._reward = gauge("reward_mean", "Mean shaped reward of the trained samples")
+        self._accuracy = gauge("accuracy_ratio", "Fraction of correct responses")
+        self._length = gauge("response_length_tokens", "Response length", "stat")
+        self._truncated = gauge("truncated_ratio", "Fraction of responses cut at the length limit")
+        self._advantage = gauge("advantage", "Advantage statistics", "stat")
+        self._throughput = gauge("tokens_per_second", "Token throughput", "phase")
+        self._phase = gauge("step_phase_seconds", "Wall time of the last step by phase", "phase")
+        self._grad_norm = gauge("grad_norm", "Global gradient norm before clipping")
+        self._lr = gauge("learning_rate", "Learning rate of the last optimizer step")
+        self._moe_aux = gauge("moe_aux_loss", "MoE load-balancing auxiliary loss")
+        self._expert_load = gauge("moe_expert_load_ratio", "Share of routed tokens", "expert")
+        self._tokens = Counter(
+            f"{PREFIX}_trained_tokens", "Tokens trained on", ("run",), registry=registry
+        )
+
+    def serve(self, bind_address: str, port: int) -> int:
+        """Start the /metrics HTTP endpoint in a daemon thread; returns the bound port."""
+        server, _ = start_http_server(port, addr=bind_address, registry=self.registry)
+        return server.server_port
+
+    def record(self, m: StepMetrics) -> None:
+        """Set every series from one step's metrics."""
+        run = self._run
+        self._step.labels(run).set(m.step)
+        self._loss.labels(run).set(m.loss)
+        self._entropy.labels(run).set(m.entropy)
+        self._clip.labels(run, "low").set(m.clip_fraction_low)
+        self._clip.labels(run, "high").set(m.clip_fraction_high)
+        self._kl.labels(run).set(m.approx_kl)
+        self._reward.labels(run).set(m.reward_mean)
+        self._accuracy.labels(run).set(m.accuracy)
+        for stat in ("mean", "max", "min"):
+            self._length.labels(run, stat).set(getattr(m, f"response_length_{stat}"))
+        self._truncated.labels(run).set(m.truncated_ratio)
+        for stat in ("mean", "std", "min", "max"):
+            self._advantage.labels(run, stat).set(getattr(m, f"advantage_{stat}"))
+        self._throughput.labels(run, "generate").set(m.generation_tokens_per_second)
+        self._throughput.labels(run, "train").set(m.training_tokens_per_second)
+        for phase, seconds in m.phase_seconds.items():
+            if phase not in STEP_PHASES:
+                raise ValueError(f"unknown step phase {phase!r}; expected one of {STEP_PHASES}")
+            self._phase.labels(run, phase).set(seconds)
+        self._grad_norm.labels(run).set(m.grad_norm)
+        self._lr.labels(run).set(m.learning_rate)
+        if m.moe_aux_loss is not None:
+            self._moe_aux.labels(run).set(m.moe_aux_loss)
+        for expert, share in enumerate(m.moe_expert_load):
+            self._expert_load.labels(run, str(expert)).set(share)
+        self._tokens.labels(run).inc(m.trained_tokens)

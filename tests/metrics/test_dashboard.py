@@ -1,0 +1,57 @@
+"""The shipped Grafana dashboard queries only exported series; the Prometheus config parses."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+from prometheus_client import CollectorRegistry
+
+from megatron_dapo.metrics import TrainerMetricsExporter
+from tests.metrics.step_metrics_example import example_step_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+DASHBOARD = REPO / "configs" / "grafana" / "megatron-dapo.json"
+# A PromQL identifier followed by a selector, a range or the end of an argument.
+METRIC_NAME = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?=\{|\[|\)|$)")
+PROMQL_WORDS = {"rate", "irate", "sum", "avg", "max", "min", "by", "increase"}
+LABEL_VALUES = re.compile(r"label_values\((\w+),\s*\w+\)")
+
+
+def _exported_series() -> set[str]:
+    registry = CollectorRegistry()
+    TrainerMetricsExporter("r", registry).record(example_step_metrics())
+    return {sample.name for family in registry.collect() for sample in family.samples}
+
+
+def _queries(dashboard: dict) -> list[str]:
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    variables = dashboard.get("templating", {}).get("list", [])
+    return exprs + [v["query"] for v in variables if v.get("type") == "query"]
+
+
+def test_every_panel_queries_an_exported_metric() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exported = _exported_series()
+    queries = _queries(dashboard)
+    assert len(dashboard["panels"]) >= 10
+    for query in queries:
+        query = LABEL_VALUES.sub(r"\1", query)
+        names = {n for n in METRIC_NAME.findall(query) if n not in PROMQL_WORDS}
+        assert names, f"no metric name found in {query!r}"
+        assert names <= exported, f"{query!r} names series not exported: {names - exported}"
+
+
+def test_panel_ids_are_unique() -> None:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+
+
+def test_prometheus_config_scrapes_the_trainer_port() -> None:
+    config = yaml.safe_load((REPO / "configs" / "prometheus" / "prometheus.yml").read_text())
+    targets = [
+        t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
+    ]
+    assert "127.0.0.1:9400" in targets
