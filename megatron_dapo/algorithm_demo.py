@@ -22,7 +22,7 @@ import torch
 from megatron_dapo.advantages import AdvantageConfig, broadcast_to_tokens, get_advantage_estimator
 from megatron_dapo.config import RunConfig
 from megatron_dapo.loss_aggregation import count_loss_normalizers, get_loss_aggregation
-from megatron_dapo.policy_loss import PolicyLossConfig, get_policy_loss
+from megatron_dapo.policy_loss import get_policy_loss, policy_loss_config_at
 from megatron_dapo.policy_stats import ClipStats, EntropyStats, clip_stats, entropy_stats
 from pipeline.group_filter import filter_groups
 from pipeline.overlong import soft_overlong_punishment
@@ -154,11 +154,9 @@ def run_algorithm_demo(config: RunConfig, lr: float = 0.05, progress=print) -> l
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
     loss_fn = get_policy_loss(algo.policy_loss)
     aggregate = get_loss_aggregation(algo.loss_aggregation)
-    loss_config = PolicyLossConfig(
-        eps_low=algo.eps_low, eps_high=algo.eps_high, dual_clip_c=algo.dual_clip_c
-    )
     reports = []
     for step in range(config.training.steps):
+        loss_config = policy_loss_config_at(algo, step)
         prompts, tokens, mask, advantages, accuracy, rounds = _collect_batch(
             policy, config, step, gen
         )

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 
 from megatron_dapo.advantages import broadcast_to_tokens
+from megatron_dapo.config import AlgorithmConfig
+from megatron_dapo.eps_schedule import EpsHighSchedule
 from megatron_dapo.kl import MAX_ABS_LOG_RATIO
 from megatron_dapo.loss_aggregation import segment_mean
 from megatron_dapo.registry import Registry
@@ -107,6 +109,28 @@ class PolicyLossOutput:
     clipped_low: torch.Tensor
     clipped_high: torch.Tensor
     dual_clipped: torch.Tensor
+
+
+def policy_loss_config_at(algorithm: AlgorithmConfig, step: int) -> PolicyLossConfig:
+    """The loss hyper-parameters of the run config at optimizer step `step` (>= 0).
+
+    eps_high follows `algorithm.eps_high_schedule` (constant unless configured otherwise).
+    """
+    schedule = EpsHighSchedule(
+        start=algorithm.eps_high,
+        end=algorithm.eps_high_end,
+        num_steps=algorithm.eps_high_schedule_steps,
+        kind=algorithm.eps_high_schedule,
+    )
+    return PolicyLossConfig(
+        eps_low=algorithm.eps_low,
+        eps_high=schedule.value_at(step),
+        dual_clip_c=algorithm.dual_clip_c,
+        gspo_eps_low=algorithm.gspo_eps_low,
+        gspo_eps_high=algorithm.gspo_eps_high,
+        sapo_tau_pos=algorithm.sapo_tau_pos,
+        sapo_tau_neg=algorithm.sapo_tau_neg,
+    )
 
 
 PolicyLossFn = Callable[

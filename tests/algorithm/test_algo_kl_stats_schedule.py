@@ -128,3 +128,21 @@ def test_eps_high_schedule_is_validated(kwargs: dict, message: str) -> None:
 def test_eps_high_schedule_rejects_negative_steps() -> None:
     with pytest.raises(ValueError, match="step must be >= 0, got -1"):
         EpsHighSchedule(start=0.28).value_at(-1)
+
+
+def test_policy_loss_config_follows_the_run_config_schedule() -> None:
+    from megatron_dapo.config import AlgorithmConfig
+    from megatron_dapo.policy_loss import policy_loss_config_at
+
+    algorithm = AlgorithmConfig(
+        eps_high=0.4,
+        eps_high_end=0.28,
+        eps_high_schedule="linear",
+        eps_high_schedule_steps=10,
+        dual_clip_c=3.0,
+    )
+    assert policy_loss_config_at(algorithm, 0).eps_high == pytest.approx(0.4)
+    assert policy_loss_config_at(algorithm, 5).eps_high == pytest.approx(0.34)
+    assert policy_loss_config_at(algorithm, 50).eps_high == pytest.approx(0.28)
+    assert policy_loss_config_at(algorithm, 5).dual_clip_c == 3.0
+    assert policy_loss_config_at(AlgorithmConfig(), 99).eps_high == 0.28
