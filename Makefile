@@ -15,8 +15,8 @@ CORE_REQS := requirements/pins.txt requirements/core.txt requirements/test.txt \
 CORE_HASH := $(shell cat $(CORE_REQS) | sha256sum | cut -c1-12)
 VENV     ?= $(ENV_ROOT)/venv-core-$(CORE_HASH)
 VPY      := $(VENV)/bin/python
-# Debian packages the tests need (none yet; later issues add Prometheus, SLURM, munge).
-APT_PACKAGES ?=
+# Debian packages the tests need: SLURM + munge (loopback cluster), shellcheck (script lint).
+APT_PACKAGES ?= slurm-wlm munge shellcheck
 
 PYTEST_ARGS ?=
 DEMO_CONFIG ?= configs/demo-cpu.yaml

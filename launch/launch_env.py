@@ -1,0 +1,64 @@
+"""Print a run config's launch settings as shell assignments, for the scripts in `launch/`.
+
+    eval "$(python launch/launch_env.py configs/run.yaml)"
+
+Each setting is printed as `export DAPO_...=value` (shell-quoted) only when the variable is not
+already set in the environment, so an explicit environment variable always wins over the
+config. Printed settings (config key -> variable):
+
+    launch.nnodes              DAPO_NNODES            trainer nodes
+    launch.nproc_per_node      DAPO_NPROC_PER_NODE    trainer ranks per node
+    launch.master_addr         DAPO_MASTER_ADDR       rendezvous host
+    launch.master_port         DAPO_MASTER_PORT       rendezvous port
+    launch.rollout_nodes       DAPO_ROLLOUT_NODES     SLURM nodes for the SGLang fleet
+    launch.slurm_partition     DAPO_SLURM_PARTITION   (empty when unset)
+    launch.slurm_account       DAPO_SLURM_ACCOUNT     (empty when unset)
+    launch.slurm_time          DAPO_SLURM_TIME        wall-clock limit, HH:MM:SS
+    model.hf_checkpoint        DAPO_SGLANG_MODEL      the fleet's --model-path (empty when unset)
+    rollout.server_args        DAPO_SGLANG_ARGS       extra `sglang.launch_server` flags
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+from megatron_dapo.config import RunConfig
+from megatron_dapo.yaml_config import ConfigError, load_config
+
+
+def launch_settings(config: RunConfig) -> dict[str, str]:
+    """The `DAPO_*` variables a run config defines, as strings (see the module docstring)."""
+    launch = config.launch
+    return {
+        "DAPO_NNODES": str(launch.nnodes),
+        "DAPO_NPROC_PER_NODE": str(launch.nproc_per_node),
+        "DAPO_MASTER_ADDR": launch.master_addr,
+        "DAPO_MASTER_PORT": str(launch.master_port),
+        "DAPO_ROLLOUT_NODES": str(launch.rollout_nodes),
+        "DAPO_SLURM_PARTITION": launch.slurm_partition or "",
+        "DAPO_SLURM_ACCOUNT": launch.slurm_account or "",
+        "DAPO_SLURM_TIME": launch.slurm_time,
+        "DAPO_SGLANG_MODEL": config.model.hf_checkpoint or "",
+        "DAPO_SGLANG_ARGS": shlex.join(config.rollout.server_args),
+    }
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: launch_env.py CONFIG", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(argv[0])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for name, value in launch_settings(config).items():
+        if name not in os.environ:
+            print(f"export {name}={shlex.quote(value)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

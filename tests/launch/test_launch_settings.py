@@ -1,0 +1,65 @@
+"""launch/env.sh and launch/torchrun.sh before any rank starts: settings and their errors.
+
+(The launches themselves run under real SLURM in test_slurm.py and test_slurm_two_nodes.py.)
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from launch_test_helpers import DEMO_CONFIG, REPO, clean_env
+
+from megatron_dapo.yaml_config import load_config
+
+TORCHRUN = REPO / "launch" / "torchrun.sh"
+ENV_SH = REPO / "launch" / "env.sh"
+
+
+def shell_settings(env: dict[str, str]) -> dict[str, str]:
+    """The DAPO_* variables a launcher sees after sourcing launch/env.sh with `env`."""
+    done = subprocess.run(
+        ["bash", "-c", f'set -eu; source "{ENV_SH}"; env'],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    pairs = (line.split("=", 1) for line in done.stdout.splitlines() if line.startswith("DAPO_"))
+    return dict(pairs)
+
+
+def test_config_fills_unset_settings_and_the_environment_wins() -> None:
+    launch = load_config(DEMO_CONFIG).launch
+    settings = shell_settings(clean_env(DAPO_CONFIG=str(DEMO_CONFIG), DAPO_NNODES="3"))
+
+    assert settings["DAPO_NNODES"] == "3"
+    assert settings["DAPO_NPROC_PER_NODE"] == str(launch.nproc_per_node)
+    assert settings["DAPO_MASTER_PORT"] == str(launch.master_port)
+    assert settings["DAPO_ROLLOUT_NODES"] == str(launch.rollout_nodes)
+    assert settings["DAPO_SLURM_TIME"] == launch.slurm_time
+    assert settings["DAPO_ROOT"] == str(REPO)
+
+
+def test_a_bad_config_stops_the_launcher_with_the_reason(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(DEMO_CONFIG.read_text().replace("nproc_per_node: 2", "nproc_per_node: 0"))
+    done = subprocess.run(
+        ["bash", str(TORCHRUN)],
+        env=clean_env(DAPO_CONFIG=str(bad)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "launch.nproc_per_node" in done.stderr
+    assert f"cannot read the launch settings of DAPO_CONFIG={bad}" in done.stderr
+
+
+def test_torchrun_without_a_command_says_what_to_set() -> None:
+    done = subprocess.run(
+        ["bash", str(TORCHRUN)], env=clean_env(), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert "set DAPO_CONFIG" in done.stderr
