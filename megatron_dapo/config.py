@@ -179,6 +179,8 @@ class TrainingConfig(Section):
     """Responses per optimizer step; the batch of one rollout step is split into mini-batches."""
     micro_batch_max_tokens: int = Field(8192, ge=1)
     """Token budget of one packed micro-batch (prompt + response tokens)."""
+    log_prob_chunk_size: int = Field(4096, ge=1)
+    """Tokens per chunk of the vocab-parallel log-prob/entropy computation (bounds memory)."""
     seed: int = 1234
 
 

@@ -1,0 +1,363 @@
+"""One optimizer step of the policy inside Megatron-Core's forward-backward schedule.
+
+    trainer = PolicyTrainer(run_config)            # after parallel.initialize_parallel
+    metrics = trainer.train(train_batch)           # every rank passes the same TrainBatch;
+                                                   # one optimizer step per mini-batch
+
+A step packs the batch into micro-batches (`micro_batches`), split over DP ranks; counts the
+GLOBAL loss normalisers (loss tokens and sequences, all-reduced over DP) before running
+`get_forward_backward_func()` (1F1B over PP stages, interleaved with virtual stages); on the last
+stage each micro-batch's per-token log-probs of the sampled tokens come from the vocab-parallel
+logits (`logprobs`, never gathering the vocabulary), then the configured policy loss and
+aggregation (`policy_loss`, `loss_aggregation`) give that micro-batch's exact share of the
+global loss; Megatron DDP reduces the gradients and Megatron's optimizer (AdamW, distributed
+optimizer if configured, global grad-norm clipping) steps with the LR of
+`OptimizerParamScheduler` (linear warm-up from 0).
+
+Packing: with the local layer spec a micro-batch packs several samples behind a block-diagonal
+causal mask. Transformer Engine's attention applies its own causal mask and ignores that one, so
+with `transformer_engine` each micro-batch holds one sample (THD packed-sequence parameters,
+which would let TE pack, are not wired in yet).
+
+Loss scaling (megatron-core 0.16.1, `calculate_per_token_loss=False`): the schedule divides the
+returned loss by the local number of micro-batches M (`forward_step_calc_loss`) and DDP scales
+gradients by 1/DP before summing them over DP ranks (`gradient_scaling_factor`, dense and expert
+parameters alike). The loss function therefore returns `share * M * DP`, so the gradient is the
+sum over all micro-batches of d(share)/d(theta) = d(global loss)/d(theta), however the batch
+is split. The MoE load-balancing loss keeps Megatron's meaning: its mean over micro-batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from megatron_dapo.config import RunConfig
+from megatron_dapo.kl import approx_kl_to_old
+from megatron_dapo.logprobs import vocab_parallel_log_probs_and_entropy
+from megatron_dapo.loss_aggregation import (
+    LossNormalizers,
+    count_loss_normalizers,
+    get_loss_aggregation,
+)
+from megatron_dapo.micro_batches import MicroBatch, build_micro_batch, plan_micro_batches
+from megatron_dapo.model import build_model_chunks
+from megatron_dapo.policy_loss import get_policy_loss, policy_loss_config_at
+from megatron_dapo.policy_stats import clip_stats, masked_sum
+from pipeline.train_batch import TrainBatch
+
+_STATS = ("loss", "clipped_low", "clipped_high", "dual_clipped", "tokens", "entropy", "kl")
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """What one optimizer step did; identical on every rank.
+
+    Attributes:
+        loss: global policy loss (advantage units), the value whose gradient was applied.
+        clip_fraction_low, clip_fraction_high, dual_clip_fraction: fractions of loss tokens.
+        entropy: mean policy entropy per loss token (nats).
+        approx_kl: mean k3 estimate of KL(pi_old || pi_theta) per loss token (nats).
+        grad_norm: global gradient L2 norm before clipping.
+        lr: learning rate of this step.
+        num_loss_tokens, num_sequences: the global loss normalisers.
+        num_microbatches: micro-batches per DP rank.
+        padding_fraction: padding tokens / packed row slots.
+        update_successful: False if the optimizer skipped the step (non-finite gradients).
+        moe_aux_loss: load-balancing loss (without its coefficient), mean over MoE layers and
+            micro-batches; None for dense models or without an aux loss.
+        expert_load: tokens routed to each expert (top-k assignments) per MoE layer
+            `[layer][expert]`, summed over the step (padding tokens included); None for dense
+            models.
+    """
+
+    loss: float
+    clip_fraction_low: float
+    clip_fraction_high: float
+    dual_clip_fraction: float
+    entropy: float
+    approx_kl: float
+    grad_norm: float
+    lr: float
+    num_loss_tokens: int
+    num_sequences: int
+    num_microbatches: int
+    padding_fraction: float
+    update_successful: bool
+    moe_aux_loss: float | None
+    expert_load: list[list[int]] | None
+
+
+class _ExpertLoadCounter:
+    """Counts routed tokens per (MoE layer, expert) with forward hooks on the routers."""
+
+    def __init__(self, chunks: list[torch.nn.Module], num_layers: int, num_experts: int):
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.int64)
+        for chunk in chunks:
+            for module in chunk.modules():
+                if isinstance(module, TopKRouter):
+                    module.register_forward_hook(self._count)
+
+    def _count(self, router: torch.nn.Module, inputs: tuple, outputs: tuple) -> None:
+        routing_map = outputs[1]  # [tokens, experts] bool
+        self.counts[router.layer_number - 1] += routing_map.sum(0).cpu()
+
+    def take(self) -> torch.Tensor:
+        """The counts since the last call, summed over every rank (each token routes once)."""
+        counts, self.counts = self.counts, torch.zeros_like(self.counts)
+        dist.all_reduce(counts)
+        return counts
+
+
+class PolicyTrainer:
+    """Megatron-Core policy, optimizer and LR schedule of one run; `step` trains on a batch."""
+
+    def __init__(self, config: RunConfig):
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel as DDP
+        from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron.core.transformer.module import Float16Module
+
+        if config.algorithm.kl_coef > 0:
+            raise ValueError("algorithm.kl_coef > 0 needs a reference policy, not supported yet")
+        if config.rollout.temperature <= 0:
+            raise ValueError("rollout.temperature must be > 0 to train on sampled log-probs")
+        self.config = config
+        par = config.parallelism
+        chunks = build_model_chunks(config.model, par)
+        self.transformer_config = chunks[0].config
+        if config.model.params_dtype != "float32":
+            chunks = [Float16Module(self.transformer_config, chunk) for chunk in chunks]
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=par.distributed_optimizer,
+            check_for_nan_in_grad=False,
+            average_in_collective=False,
+        )
+        self.chunks = [
+            DDP(self.transformer_config, ddp_config, chunk, disable_bucketing=index > 0)
+            for index, chunk in enumerate(chunks)
+        ]
+        self.transformer_config.no_sync_func = (
+            [chunk.no_sync for chunk in self.chunks]
+            if len(self.chunks) > 1
+            else self.chunks[0].no_sync
+        )
+        self.transformer_config.finalize_model_grads_func = finalize_model_grads
+        opt = config.optimizer
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=opt.lr,
+                min_lr=opt.min_lr,
+                weight_decay=opt.weight_decay,
+                adam_beta1=opt.adam_beta1,
+                adam_beta2=opt.adam_beta2,
+                adam_eps=opt.adam_eps,
+                clip_grad=opt.clip_grad,
+                bf16=self.transformer_config.bf16,
+                fp16=self.transformer_config.fp16,
+                params_dtype=self.transformer_config.params_dtype,
+                use_distributed_optimizer=par.distributed_optimizer,
+            ),
+            self.chunks,
+        )
+        total_steps = optimizer_steps_per_run(config)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if opt.lr_warmup_steps else opt.lr,
+            max_lr=opt.lr,
+            min_lr=opt.min_lr,
+            lr_warmup_steps=opt.lr_warmup_steps,
+            lr_decay_steps=max(total_steps, opt.lr_warmup_steps + 1),
+            lr_decay_style=opt.lr_decay_style,
+            start_wd=opt.weight_decay,
+            end_wd=opt.weight_decay,
+            wd_incr_steps=max(total_steps, 1),
+            wd_incr_style="constant",
+        )
+        self.optimizer_steps = 0
+        self._tp_group = parallel_state.get_tensor_model_parallel_group()
+        self._dp_group = parallel_state.get_data_parallel_group()
+        self._pp_group = parallel_state.get_pipeline_model_parallel_group()
+        self._dp_rank = parallel_state.get_data_parallel_rank()
+        self._dp_size = parallel_state.get_data_parallel_world_size()
+        self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        moe = config.model.moe
+        self._expert_load = (
+            _ExpertLoadCounter(self.chunks, config.model.num_layers, moe.num_experts)
+            if moe is not None
+            else None
+        )
+
+    def train(self, batch: TrainBatch) -> list[StepMetrics]:
+        """One `step` per mini-batch of `training.mini_batch_size` samples, in batch order."""
+        size = self.config.training.mini_batch_size
+        if batch.num_samples % size:
+            raise ValueError(
+                f"{batch.num_samples} samples do not split into mini-batches of {size}"
+            )
+        return [
+            self.step(batch.select(torch.arange(start, start + size)))
+            for start in range(0, batch.num_samples, size)
+        ]
+
+    def step(self, batch: TrainBatch) -> StepMetrics:
+        """One optimizer step on `batch` (the same batch on every rank); see the module doc."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        par, training = self.config.parallelism, self.config.training
+        sequence_parallel = self.transformer_config.sequence_parallel
+        plan = plan_micro_batches(
+            batch,
+            training.micro_batch_max_tokens,
+            self._dp_size,
+            pad_multiple=par.tensor if sequence_parallel else 1,
+            common_length=par.pipeline > 1,
+            per_rank_multiple=par.pipeline if par.virtual_pipeline else 1,
+            pack=self.config.model.transformer_impl == "local",
+        )
+        micro_batches = [
+            build_micro_batch(batch, samples, plan.row_length, plan.pad_multiple)
+            for samples in plan.bins[self._dp_rank]
+        ]
+        normalizers = self._global_normalizers(micro_batches)
+        scale = plan.num_microbatches * self._dp_size
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.scheduler.step(1)
+        forward_step = partial(self._forward_step, normalizers, scale)
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=[iter(micro_batches) for _ in self.chunks],
+            model=self.chunks,
+            num_microbatches=plan.num_microbatches,
+            seq_length=plan.row_length or max(mb.length for mb in micro_batches),
+            micro_batch_size=1,
+            forward_only=False,
+        )
+        update_successful, grad_norm, _ = self.optimizer.step()
+        self.optimizer_steps += 1
+        stats = self._reduce_stats(outputs)
+        return StepMetrics(
+            loss=stats["loss"],
+            clip_fraction_low=stats["clipped_low"] / max(stats["tokens"], 1),
+            clip_fraction_high=stats["clipped_high"] / max(stats["tokens"], 1),
+            dual_clip_fraction=stats["dual_clipped"] / max(stats["tokens"], 1),
+            entropy=stats["entropy"] / max(stats["tokens"], 1),
+            approx_kl=stats["kl"] / max(stats["tokens"], 1),
+            grad_norm=float(grad_norm) if grad_norm is not None else 0.0,
+            lr=self.optimizer.param_groups[0]["lr"],
+            num_loss_tokens=normalizers.num_tokens,
+            num_sequences=normalizers.num_sequences,
+            num_microbatches=plan.num_microbatches,
+            padding_fraction=plan.padding_fraction(batch),
+            update_successful=bool(update_successful),
+            moe_aux_loss=self._take_aux_loss(plan.num_microbatches),
+            expert_load=self._expert_load.take().tolist() if self._expert_load else None,
+        )
+
+    def _global_normalizers(self, micro_batches: list[MicroBatch]) -> LossNormalizers:
+        local = count_loss_normalizers(
+            [mb.loss_mask for mb in micro_batches], [mb.sequence_ids for mb in micro_batches]
+        )
+        counts = torch.tensor([local.num_tokens, local.num_sequences], dtype=torch.int64)
+        dist.all_reduce(counts, group=self._dp_group)
+        algorithm = self.config.algorithm
+        norm_constant = None
+        if algorithm.loss_aggregation == "seq-mean-token-sum-norm":
+            norm_constant = float(
+                algorithm.loss_norm_constant or self.config.rollout.max_response_length
+            )
+        return LossNormalizers(int(counts[0]), int(counts[1]), norm_constant)
+
+    def _forward_step(
+        self, normalizers: LossNormalizers, scale: int, data_iterator, model: torch.nn.Module
+    ):
+        micro_batch = next(data_iterator)
+        micro_batch = dataclasses.replace(
+            micro_batch,
+            **{
+                f.name: getattr(micro_batch, f.name).to(self._device)
+                for f in dataclasses.fields(micro_batch)
+                if isinstance(getattr(micro_batch, f.name), torch.Tensor)
+            },
+        )
+        output = model(micro_batch.tokens, micro_batch.position_ids, micro_batch.attention_mask)
+        return output, partial(self._loss, micro_batch, normalizers, scale)
+
+    def _loss(
+        self, micro_batch: MicroBatch, normalizers: LossNormalizers, scale: int, logits
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scaled share of the global loss of one micro-batch; logits `[1, T, V / TP]`."""
+        algorithm = self.config.algorithm
+        mask, ids = micro_batch.loss_mask, micro_batch.sequence_ids
+        log_probs, entropy = vocab_parallel_log_probs_and_entropy(
+            logits,
+            micro_batch.targets,
+            tp_group=self._tp_group,
+            chunk_size=self.config.training.log_prob_chunk_size,
+            temperature=self.config.rollout.temperature,
+        )
+        log_probs, entropy = log_probs.float(), entropy.float()
+        loss_config = policy_loss_config_at(algorithm, self.optimizer_steps)
+        policy = get_policy_loss(algorithm.policy_loss)(
+            log_probs, micro_batch.old_log_probs, micro_batch.advantages, mask, ids, loss_config
+        )
+        token_loss = policy.token_loss
+        if algorithm.entropy_coef > 0:
+            token_loss = token_loss - algorithm.entropy_coef * entropy
+        share = get_loss_aggregation(algorithm.loss_aggregation)(token_loss, mask, ids, normalizers)
+        clips = clip_stats(policy.clipped_low, policy.clipped_high, policy.dual_clipped, mask)
+        stats = torch.stack(
+            [
+                share.detach(),
+                clips.clipped_low.float(),
+                clips.clipped_high.float(),
+                clips.dual_clipped.float(),
+                clips.num_tokens.float(),
+                masked_sum(entropy, mask).total,
+                approx_kl_to_old(policy.log_ratio, mask).total,
+            ]
+        ).cpu()
+        return share * scale, {"stats": stats}
+
+    def _reduce_stats(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Sum the micro-batch stats of the last stage and share them with every rank."""
+        stats = torch.zeros(len(_STATS), dtype=torch.float64)
+        for output in outputs:
+            stats += output["stats"].double()
+        dist.all_reduce(stats, group=self._pp_group)  # only the last stage has non-zeros
+        dist.all_reduce(stats, group=self._dp_group)
+        return dict(zip(_STATS, stats.tolist(), strict=True))
+
+    def _take_aux_loss(self, num_microbatches: int) -> float | None:
+        from megatron.core.transformer.moe.moe_utils import (
+            clear_aux_losses_tracker,
+            get_moe_layer_wise_logging_tracker,
+            reduce_aux_losses_tracker_across_ranks,
+        )
+
+        tracker = get_moe_layer_wise_logging_tracker()
+        if "load_balancing_loss" not in tracker:
+            return None
+        reduce_aux_losses_tracker_across_ranks(["load_balancing_loss"])
+        per_layer = tracker["load_balancing_loss"]["values"] / num_microbatches
+        clear_aux_losses_tracker()
+        return float(per_layer.mean())
+
+
+def optimizer_steps_per_run(config: RunConfig) -> int:
+    """Optimizer steps of the whole run: rollout steps x mini-batches per rollout step."""
+    responses = config.training.prompts_per_step * config.rollout.n_samples_per_prompt
+    return config.training.steps * (responses // config.training.mini_batch_size)

