@@ -49,13 +49,15 @@ system-deps:
 	if [ -n "$$missing" ]; then echo "[setup] apt-get install$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
-# This checkout, installed editable (no deps) into the environment; redone when the environment
-# points at another checkout.
+# This checkout (and its SGLang CPU platform plugin), installed editable without deps into the
+# environment; redone when the environment points at another checkout.
 project: env
-	@where=$$($(VPY) -c "import megatron_dapo, os; print(os.path.dirname(os.path.dirname(os.path.abspath(megatron_dapo.__file__))))" 2>/dev/null); \
-	if [ "$$where" != "$(CURDIR)" ] || [ ! -x $(VENV)/bin/megatron-dapo ]; then \
+	@where() { $(VPY) -c "import $$1, os; print(os.path.dirname(os.path.dirname(os.path.abspath($$1.__file__))))" 2>/dev/null; }; \
+	if [ "$$(where megatron_dapo)" != "$(CURDIR)" ] \
+	   || [ "$$(where sglang_cpu_platform)" != "$(CURDIR)/launch/sglang_cpu_platform" ] \
+	   || [ ! -x $(VENV)/bin/megatron-dapo ]; then \
 	  echo "[setup] installing this checkout into $(VENV)"; \
-	  $(VPY) -m pip install --quiet --no-deps --no-build-isolation -e . ; fi
+	  $(VPY) -m pip install --quiet --no-deps --no-build-isolation -e . -e launch/sglang_cpu_platform; fi
 
 demo: project system-deps
 	$(VENV)/bin/megatron-dapo demo $(DEMO_CONFIG)

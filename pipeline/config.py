@@ -113,3 +113,9 @@ class DynamicSamplingConfig(Section):
     """Raise a clear error when a step needs more generation rounds than this."""
     oversample_factor: float = Field(1.0, ge=1.0)
     """Prompts requested per round = missing groups x this factor."""
+    adapt_to_keep_rate: bool = True
+    """Also divide the prompts requested per round by the observed fraction of groups kept
+    (at least `min_keep_rate`), so hard or easy prompt sets need few rounds."""
+    min_keep_rate: float = Field(0.05, gt=0.0, le=1.0)
+    """Floor of the observed keep rate: at most oversample_factor / min_keep_rate prompts per
+    missing group."""

@@ -1,0 +1,427 @@
+"""The dynamic-sampling queue (DAPO, arXiv 2503.14476, Sec. 3.2): fills training batches with
+prompt groups whose accuracy is strictly between 0 and 1.
+
+One step (`next_batch`) needs `num_groups` kept groups of G responses each:
+
+1. Carried groups (kept earlier but beyond an earlier batch) are reused if fresh enough:
+   `policy_version - weight_version <= max_staleness`, else dropped and counted as stale.
+2. Generation rounds: each round draws `ceil(missing * oversample_factor / keep_rate)` prompts
+   (`keep_rate` = kept / generated groups so far, (kept + 1) / (generated + 1), at least
+   `min_keep_rate`; 1 with `adapt_to_keep_rate` off), generates
+   their groups concurrently, scores each finished group (correctness reward from the reward
+   scorer, plus the soft overlong punishment), and keeps it unless all G responses are correct
+   or all wrong. When the batch is full, groups whose responses are all in are still scored
+   and, if kept, carried to the next step; groups still generating are cancelled (their
+   requests aborted on the servers) and counted. More than `max_generation_rounds` rounds in
+   one step raise `GenerationRoundsExceeded`.
+3. The batch is packed into a `TrainBatch`; advantages come from the injected
+   `advantage_fn` ([num_groups, G] rewards -> [num_groups, G] advantages), so the data plane
+   does not depend on the training plane.
+
+Async mode: `start_prefetch()` starts the rounds of the next step while the trainer trains on
+the current batch; the samples then come from weights one version older, so async mode needs
+`max_staleness >= 1`. With dynamic sampling disabled every generated group is kept (one round).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pipeline.config import DynamicSamplingConfig, OverlongConfig, RolloutConfig
+from pipeline.group_filter import filter_groups
+from pipeline.metrics import QueueMetrics
+from pipeline.overlong import TRUNCATED_FINISH_REASON, soft_overlong_punishment
+from pipeline.prompts import Prompt, PromptSource
+from pipeline.rewards.base import RewardScorer
+from pipeline.rollout_client import RolloutEngine
+from pipeline.sglang_client import Generation, SamplingParams
+from pipeline.train_batch import TrainBatch
+
+AdvantageFn = Callable[[torch.Tensor], torch.Tensor]
+"""Rewards [num_groups, G] (float32) -> advantages [num_groups, G]."""
+
+ABORT_FINISH_REASON = "abort"
+
+
+class GenerationRoundsExceeded(RuntimeError):
+    """A step needed more generation rounds than `max_generation_rounds`."""
+
+
+@dataclass(frozen=True)
+class ScoredGroup:
+    """The G responses to one prompt, scored.
+
+    Attributes:
+        prompt: the prompt.
+        generations: G responses.
+        correct: [G] correctness judged by the reward scorer.
+        scores: [G] correctness rewards.
+        rewards: [G] shaped rewards (scores plus the soft overlong punishment).
+    """
+
+    prompt: Prompt
+    generations: tuple[Generation, ...]
+    correct: tuple[bool, ...]
+    scores: tuple[float, ...]
+    rewards: tuple[float, ...]
+
+    @property
+    def weight_version(self) -> int:
+        """The oldest policy version among the responses."""
+        return min(g.weight_version for g in self.generations)
+
+
+@dataclass
+class StepStats:
+    """What one step of the queue did (counts of groups unless stated)."""
+
+    generation_rounds: int = 0
+    generated_groups: int = 0
+    generated_samples: int = 0
+    generated_tokens: int = 0
+    kept: int = 0
+    dropped_all_correct: int = 0
+    dropped_all_wrong: int = 0
+    dropped_stale: int = 0
+    aborted: int = 0
+    carried_in: int = 0
+    carried_out: int = 0
+    generation_seconds: float = 0.0
+    """Wall time spent in generation rounds."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.generation_seconds if self.generation_seconds else 0.0
+
+    def merge(self, other: StepStats) -> None:
+        """Add `other`'s counts into this one (carried counts excepted)."""
+        for name in (
+            "generation_rounds",
+            "generated_groups",
+            "generated_samples",
+            "generated_tokens",
+            "kept",
+            "dropped_all_correct",
+            "dropped_all_wrong",
+            "aborted",
+            "generation_seconds",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class DynamicSamplingQueue:
+    """Produces `TrainBatch`es of `num_groups` prompt groups; see the module docstring.
+
+    Args:
+        prompts: the prompt stream.
+        engine: generates responses (the fleet's `RolloutClient`, or a scripted engine).
+        scorer: judges responses; called in a worker thread.
+        decode: response token ids -> text for the scorer.
+        advantage_fn: [num_groups, G] rewards -> advantages (e.g. megatron_dapo's grpo).
+        num_groups: groups (prompts) per batch.
+        rollout: group size, sampling parameters, max_response_length and max_staleness.
+        sampling: dynamic sampling switches.
+        overlong: soft punishment and overlong filtering.
+        async_mode: allow `start_prefetch` (needs `rollout.max_staleness >= 1`).
+        metrics: queue metrics (a private registry when not given).
+    """
+
+    prompts: PromptSource
+    engine: RolloutEngine
+    scorer: RewardScorer
+    decode: Callable[[Sequence[int]], str]
+    advantage_fn: AdvantageFn
+    num_groups: int
+    rollout: RolloutConfig
+    sampling: DynamicSamplingConfig
+    overlong: OverlongConfig
+    async_mode: bool = False
+    metrics: QueueMetrics = field(default_factory=QueueMetrics)
+    _ready: deque[ScoredGroup] = field(default_factory=deque, init=False)
+    _prefetch: asyncio.Task[StepStats] | None = field(default=None, init=False)
+    _next_group_id: int = field(default=0, init=False)
+    _lifetime_generated: int = field(default=0, init=False)
+    _lifetime_kept: int = field(default=0, init=False)
+    params: SamplingParams = field(init=False)
+    """Sampling parameters of every request, from `rollout`."""
+
+    def __post_init__(self) -> None:
+        if self.num_groups < 1:
+            raise ValueError(f"num_groups must be >= 1, got {self.num_groups}")
+        if self.async_mode and self.rollout.max_staleness < 1:
+            raise ValueError(
+                "async mode overlaps generation with training, so samples are one version "
+                "old: it needs rollout.max_staleness >= 1"
+            )
+        if self.sampling.enabled and self.rollout.n_samples_per_prompt < 2:
+            raise ValueError("dynamic sampling needs rollout.n_samples_per_prompt >= 2")
+        self.params = SamplingParams(
+            max_new_tokens=self.rollout.max_response_length,
+            temperature=self.rollout.temperature,
+            top_p=self.rollout.top_p,
+            top_k=self.rollout.top_k,
+        )
+
+    @property
+    def depth(self) -> int:
+        """Kept groups waiting for a batch."""
+        return len(self._ready)
+
+    async def next_batch(self, policy_version: int) -> tuple[TrainBatch, StepStats]:
+        """The batch for the policy at `policy_version`, and what it took to make it.
+
+        Raises:
+            GenerationRoundsExceeded: more than `max_generation_rounds` rounds were needed.
+        """
+        stats = StepStats()
+        if self._prefetch is not None:
+            task, self._prefetch = self._prefetch, None
+            stats.merge(await task)
+        stats.dropped_stale = self._evict_stale(policy_version)
+        stats.carried_in = len(self._ready)
+        stats.merge(await self._fill(self.num_groups, stats.generation_rounds))
+        groups = [self._ready.popleft() for _ in range(self.num_groups)]
+        stats.carried_out = len(self._ready)
+        self._record(stats, groups, policy_version)
+        return self._pack(groups), stats
+
+    def start_prefetch(self) -> None:
+        """Async mode: start generating the next step's groups now (call after `next_batch`)."""
+        if not self.async_mode:
+            raise RuntimeError("start_prefetch needs async_mode=True")
+        if self._prefetch is None:
+            self._prefetch = asyncio.create_task(self._fill(self.num_groups, 0))
+
+    async def close(self) -> None:
+        """Cancel a running prefetch (its requests are aborted)."""
+        if self._prefetch is not None:
+            await _cancel({self._prefetch})
+            self._prefetch = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a restart needs: the prompt position, the carried groups (picklable objects;
+        save with `torch.save` / `pickle`), the group-id counter and the keep-rate counts.
+
+        Raises RuntimeError while a prefetch is running (checkpoint between steps).
+        """
+        if self._prefetch is not None:
+            raise RuntimeError("DynamicSamplingQueue.state_dict during a prefetch")
+        return {
+            "prompts": self.prompts.state_dict(),
+            "carried": list(self._ready),
+            "next_group_id": self._next_group_id,
+            "lifetime_generated": self._lifetime_generated,
+            "lifetime_kept": self._lifetime_kept,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.prompts.load_state_dict(state["prompts"])
+        self._ready = deque(state["carried"])
+        self._next_group_id = state["next_group_id"]
+        self._lifetime_generated = state["lifetime_generated"]
+        self._lifetime_kept = state["lifetime_kept"]
+
+    def _evict_stale(self, policy_version: int) -> int:
+        fresh = [
+            g
+            for g in self._ready
+            if policy_version - g.weight_version <= self.rollout.max_staleness
+        ]
+        stale = len(self._ready) - len(fresh)
+        self._ready = deque(fresh)
+        return stale
+
+    async def _fill(self, target: int, rounds_done: int) -> StepStats:
+        """Run generation rounds until `target` groups are ready."""
+        stats = StepStats()
+        begin = time.monotonic()
+        try:
+            while len(self._ready) < target:
+                if rounds_done + stats.generation_rounds >= self.sampling.max_generation_rounds:
+                    raise GenerationRoundsExceeded(self._rounds_message(target, stats))
+                stats.generation_rounds += 1
+                missing = target - len(self._ready)
+                count = math.ceil(missing * self._prompts_per_missing_group())
+                await self._round(self.prompts.next_prompts(count), target, stats)
+        finally:
+            stats.generation_seconds = time.monotonic() - begin
+        return stats
+
+    def _prompts_per_missing_group(self) -> float:
+        if not self.sampling.enabled:
+            return 1.0
+        if not self.sampling.adapt_to_keep_rate:
+            return self.sampling.oversample_factor
+        keep_rate = (self._lifetime_kept + 1) / (self._lifetime_generated + 1)
+        return self.sampling.oversample_factor / max(keep_rate, self.sampling.min_keep_rate)
+
+    def _rounds_message(self, target: int, stats: StepStats) -> str:
+        return (
+            f"dynamic sampling could not fill {target} groups in "
+            f"{self.sampling.max_generation_rounds} generation rounds: {len(self._ready)} kept, "
+            f"{stats.dropped_all_correct} dropped as all correct, {stats.dropped_all_wrong} as "
+            f"all wrong. The prompts are too easy or too hard for the policy; raise "
+            f"dynamic_sampling.max_generation_rounds or oversample_factor, or check the reward."
+        )
+
+    async def _round(self, prompts: list[Prompt], target: int, stats: StepStats) -> None:
+        """Generate one group per prompt until `target` groups are ready.
+
+        Then groups whose responses are all in are still scored (and carried over if kept);
+        groups still generating are cancelled, which aborts their requests.
+        """
+        scoring: set[asyncio.Task[Any]] = set()
+        pending = {asyncio.create_task(self._group(p, scoring)) for p in prompts}
+        try:
+            while pending and len(self._ready) < target:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    self._admit(task.result(), stats)
+        except BaseException:
+            await _cancel(pending)
+            raise
+        leftovers = {t for t in pending if t not in scoring and not t.done()}
+        stats.aborted += len(leftovers)
+        await _cancel(leftovers)
+        for task in pending - leftovers:
+            self._admit(await task, stats)
+
+    async def _group(self, prompt: Prompt, scoring: set[asyncio.Task[Any]]) -> ScoredGroup | None:
+        """G responses to `prompt`, scored; None if a response was aborted.
+
+        Adds its own task to `scoring` once every response is in.
+        """
+        generations = await asyncio.gather(
+            *(
+                self.engine.generate(prompt.input_ids, self.params)
+                for _ in range(self.rollout.n_samples_per_prompt)
+            )
+        )
+        if any(g.finish_reason == ABORT_FINISH_REASON for g in generations):
+            return None
+        task = asyncio.current_task()
+        assert task is not None
+        scoring.add(task)
+        return await self._score(prompt, generations)
+
+    async def _score(self, prompt: Prompt, generations: Sequence[Generation]) -> ScoredGroup:
+        pairs = [(self.decode(g.output_ids), prompt.ground_truth) for g in generations]
+        results = await asyncio.to_thread(self.scorer.score_batch, pairs)
+        scores = torch.tensor([r.score for r in results], dtype=torch.float32)
+        rewards = scores
+        if self.overlong.soft_punishment:
+            lengths = [len(g.output_ids) for g in generations]
+            rewards = scores + soft_overlong_punishment(
+                lengths, self.rollout.max_response_length, self.overlong.cache_length
+            )
+        return ScoredGroup(
+            prompt=prompt,
+            generations=tuple(generations),
+            correct=tuple(r.acc for r in results),
+            scores=tuple(scores.tolist()),
+            rewards=tuple(rewards.tolist()),
+        )
+
+    def _admit(self, group: ScoredGroup | None, stats: StepStats) -> None:
+        if group is None:
+            stats.aborted += 1
+            return
+        stats.generated_groups += 1
+        stats.generated_samples += len(group.generations)
+        stats.generated_tokens += sum(len(g.output_ids) for g in group.generations)
+        self._lifetime_generated += 1
+        if self.sampling.enabled:
+            verdict = filter_groups([group.correct])
+            stats.dropped_all_correct += verdict.num_all_correct
+            stats.dropped_all_wrong += verdict.num_all_wrong
+            if not verdict.num_kept:
+                return
+        stats.kept += 1
+        self._lifetime_kept += 1
+        self._ready.append(group)
+
+    def _record(self, stats: StepStats, groups: list[ScoredGroup], policy_version: int) -> None:
+        m = self.metrics
+        m.kept_groups.inc(stats.kept)
+        for reason, count in (
+            ("all_correct", stats.dropped_all_correct),
+            ("all_wrong", stats.dropped_all_wrong),
+            ("stale", stats.dropped_stale),
+            ("aborted", stats.aborted),
+        ):
+            m.dropped_groups.labels(reason).inc(count)
+        m.generation_rounds.observe(stats.generation_rounds)
+        m.generated_samples.inc(stats.generated_samples)
+        m.queue_depth.set(len(self._ready))
+        m.batch_version.set(policy_version)
+        m.generation_tokens_per_s.set(stats.tokens_per_s)
+        for group in groups:
+            for generation in group.generations:
+                m.staleness.observe(policy_version - generation.weight_version)
+
+    def _pack(self, groups: list[ScoredGroup]) -> TrainBatch:
+        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+        advantages = self.advantage_fn(rewards)
+        if advantages.shape != rewards.shape:
+            raise ValueError(
+                f"advantage_fn returned shape {tuple(advantages.shape)} for rewards of shape "
+                f"{tuple(rewards.shape)}"
+            )
+        tokens: list[int] = []
+        log_probs: list[float] = []
+        loss_mask: list[bool] = []
+        lengths, prompt_lengths, group_ids, versions = [], [], [], []
+        metadata: list[dict[str, Any]] = []
+        for group in groups:
+            group_id = self._next_group_id
+            self._next_group_id += 1
+            prompt = list(group.prompt.input_ids)
+            for i, generation in enumerate(group.generations):
+                response = list(generation.output_ids)
+                trains = not (
+                    self.overlong.filter_truncated
+                    and generation.finish_reason == TRUNCATED_FINISH_REASON
+                )
+                tokens += prompt + response
+                log_probs += [0.0] * len(prompt) + list(generation.output_logprobs)
+                loss_mask += [False] * len(prompt) + [trains] * len(response)
+                lengths.append(len(prompt) + len(response))
+                prompt_lengths.append(len(prompt))
+                group_ids.append(group_id)
+                versions.append(generation.weight_version)
+                metadata.append(
+                    {
+                        "row_index": group.prompt.row_index,
+                        "finish_reason": generation.finish_reason,
+                        "correct": group.correct[i],
+                        "score": group.scores[i],
+                        "response_length": len(response),
+                    }
+                )
+        return TrainBatch(
+            tokens=torch.tensor(tokens, dtype=torch.int64),
+            sample_offsets=torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0),
+            prompt_lengths=torch.tensor(prompt_lengths, dtype=torch.int64),
+            old_log_probs=torch.tensor(log_probs, dtype=torch.float32),
+            loss_mask=torch.tensor(loss_mask, dtype=torch.bool),
+            advantages=advantages.reshape(-1).to(torch.float32),
+            rewards=rewards.reshape(-1),
+            group_ids=torch.tensor(group_ids, dtype=torch.int64),
+            weight_versions=torch.tensor(versions, dtype=torch.int64),
+            metadata=tuple(metadata),
+        )
+
+
+async def _cancel(tasks: set[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,154 @@
+"""The rollout fleet: local SGLang servers (embedded mode) or remote URLs (cluster mode).
+
+Embedded mode starts `num_servers` SGLang servers on free 127.0.0.1 ports (and, with
+`use_router`, an `sglang-router` in front), waits until each answers `/health` (the router:
+until `/workers` lists them all, since it answers `/health` before workers register), and
+stops every process by PID on exit: `with RolloutFleet(...)` covers normal exit, exceptions
+and Ctrl-C (KeyboardInterrupt), and an `atexit` hook covers an interpreter exiting without
+leaving the block. Cluster mode only records `server_urls` / `router_url` from the config.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import aiohttp
+
+from pipeline.config import RolloutConfig
+from pipeline.metrics import FleetMetrics
+from pipeline.rollout_client import RolloutClient
+from pipeline.sglang_client import RetryPolicy, SGLangServerClient
+from pipeline.sglang_server import (
+    CPU_SERVER_ARGS,
+    ManagedProcess,
+    free_port,
+    http_get,
+    sglang_server_argv,
+    start_router,
+)
+
+
+@dataclass(frozen=True)
+class EmbeddedFleetOptions:
+    """How embedded servers are started.
+
+    Attributes:
+        model_path: HF model directory served (tokenizer included).
+        log_dir: one `<name>.log` per process.
+        start_timeout_s: deadline for all servers to become healthy, seconds.
+        cpu_defaults: prepend `CPU_SERVER_ARGS` to the configured `server_args`.
+        threads_per_server: OMP/MKL threads of each server process.
+    """
+
+    model_path: str
+    log_dir: Path
+    start_timeout_s: float = 300.0
+    cpu_defaults: bool = True
+    threads_per_server: int = 1
+
+
+class RolloutFleet:
+    """Starts (embedded) or locates (cluster) the SGLang servers of a run.
+
+    Attributes:
+        worker_urls: one URL per SGLang worker.
+        router_url: the router URL, or None when clients balance over the workers.
+        processes: the local processes (embedded mode), router last.
+        startup_s: seconds from spawning to all healthy (embedded mode).
+    """
+
+    def __init__(self, config: RolloutConfig, embedded: EmbeddedFleetOptions | None = None):
+        if config.mode == "embedded" and embedded is None:
+            raise ValueError("embedded rollout mode needs EmbeddedFleetOptions (model path)")
+        self.config = config
+        self.embedded = embedded
+        self.worker_urls: list[str] = list(config.server_urls)
+        self.router_url: str | None = config.router_url
+        self.processes: list[ManagedProcess] = []
+        self.startup_s = 0.0
+
+    def start(self) -> None:
+        """Embedded mode: spawn the servers (and router), wait for them; no-op in cluster mode.
+
+        On failure every process already started is stopped before the error propagates.
+        """
+        if self.config.mode != "embedded":
+            return
+        assert self.embedded is not None
+        atexit.register(self.stop)
+        begin = time.monotonic()
+        try:
+            self._spawn_servers(self.embedded)
+            for process, url in zip(self.processes, self.worker_urls, strict=True):
+                remaining = self.embedded.start_timeout_s - (time.monotonic() - begin)
+                process.wait_until(
+                    lambda u=url: http_get(f"{u}/health")[0] == 200, remaining, "healthy"
+                )
+            if self.config.use_router:
+                router, self.router_url = start_router(
+                    self.worker_urls, self.embedded.log_dir / "router.log"
+                )
+                self.processes.append(router)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = time.monotonic() - begin
+
+    def _spawn_servers(self, options: EmbeddedFleetOptions) -> None:
+        threads = str(options.threads_per_server)
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        extra = self.config.server_args
+        if options.cpu_defaults:
+            extra = (*CPU_SERVER_ARGS, *extra)
+        for index in range(self.config.num_servers):
+            port = free_port()
+            argv = sglang_server_argv(options.model_path, port, extra_args=extra)
+            process = ManagedProcess(
+                f"sglang-{index}", argv, options.log_dir / f"sglang-{index}.log", env
+            )
+            process.start()
+            self.processes.append(process)
+            self.worker_urls.append(f"http://127.0.0.1:{port}")
+
+    def stop(self) -> None:
+        """Stop every local process by PID (router first); safe to call twice."""
+        for process in reversed(self.processes):
+            process.stop()
+        atexit.unregister(self.stop)
+
+    def client(
+        self, session: aiohttp.ClientSession, metrics: FleetMetrics | None = None
+    ) -> RolloutClient:
+        """A `RolloutClient` over this fleet, using the configured back-pressure and retries."""
+        metrics = metrics if metrics is not None else FleetMetrics()
+
+        def server(url: str) -> SGLangServerClient:
+            return SGLangServerClient(
+                url,
+                session,
+                max_inflight=self.config.max_inflight_per_server,
+                timeout_s=self.config.request_timeout_s,
+                retry=RetryPolicy(max_retries=self.config.max_retries),
+                metrics=metrics,
+            )
+
+        router = server(self.router_url) if self.router_url else None
+        return RolloutClient([server(u) for u in self.worker_urls], router, metrics)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

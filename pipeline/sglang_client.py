@@ -1,0 +1,329 @@
+"""Asyncio HTTP client of one SGLang server (0.5.23 native API).
+
+`SGLangServerClient` speaks to one server: `/generate` with token ids and per-token sampling
+log-probs, `/abort_request`, `/flush_cache`, `/health_generate`, and the weight-update
+endpoints. It bounds the requests outstanding on its server (back-pressure), applies a
+per-request timeout, and retries timeouts and 5xx answers with exponential backoff. A
+connection failure on a server that no longer answers `/health` raises `ServerUnavailable`
+at once, so the fleet (`pipeline.rollout_client`) can re-issue the request elsewhere.
+
+Schemas: `sglang/srt/managers/io_struct.py` (`GenerateReqInput`, `UpdateWeightFromDiskReqInput`,
+`InitWeightsUpdateGroupReqInput`, `UpdateWeightsFromDistributedReqInput`,
+`UpdateWeightsFromTensorReqInput`, `AbortReq`) and `sglang/srt/entrypoints/http_server.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from pipeline.metrics import FleetMetrics
+
+
+class ServerUnavailable(RuntimeError):
+    """The server stopped answering (connection refused or dropped, and `/health` fails)."""
+
+
+class ServerRequestError(RuntimeError):
+    """The server answered with an error that retrying will not fix (4xx, `success: false`)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """SGLang sampling parameters of one request (lengths in tokens)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "ignore_eos": self.ignore_eos,
+        }
+        if self.stop_token_ids:
+            params["stop_token_ids"] = list(self.stop_token_ids)
+        return params
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated response.
+
+    Attributes:
+        output_ids: [T] response token ids (a matched stop/eos token included).
+        output_logprobs: [T] sampling log-probability of each response token, nats.
+        finish_reason: `"stop"` (eos or stop token), `"length"` (hit max_new_tokens) or
+            `"abort"` (aborted; the response is partial and must not be trained on).
+        server_weight_version: the weight version the server reported (string, as set by the
+            last weight update; `"default"` before any).
+        server_url: the server that generated it.
+        weight_version: the policy version that generated it, as tracked by the fleet client
+            (-1 from a bare server client).
+    """
+
+    output_ids: tuple[int, ...]
+    output_logprobs: tuple[float, ...]
+    finish_reason: str
+    server_weight_version: str
+    server_url: str
+    weight_version: int = -1
+
+    @classmethod
+    def from_response(cls, body: dict[str, Any], server_url: str) -> Generation:
+        meta = body["meta_info"]
+        logprobs = meta["output_token_logprobs"]
+        output_ids = tuple(int(t) for t in body["output_ids"])
+        if [int(entry[1]) for entry in logprobs] != list(output_ids):
+            raise ServerRequestError(f"{server_url}: log-prob token ids differ from output_ids")
+        return cls(
+            output_ids=output_ids,
+            output_logprobs=tuple(float(entry[0]) for entry in logprobs),
+            finish_reason=str(meta["finish_reason"]["type"]),
+            server_weight_version=str(meta.get("weight_version", "default")),
+            server_url=server_url,
+        )
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of timeouts and 5xx answers: `max_retries` more attempts, waiting
+    `backoff_s * 2**attempt` seconds (capped at `max_backoff_s`) before each."""
+
+    max_retries: int = 3
+    backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.backoff_s * 2**attempt, self.max_backoff_s)
+
+
+@dataclass
+class SGLangServerClient:
+    """HTTP client of one SGLang server; share one `aiohttp.ClientSession` across servers.
+
+    Args:
+        url: base URL, e.g. `http://127.0.0.1:30000`.
+        session: the aiohttp session (owned by the caller).
+        max_inflight: back-pressure, the most generate requests outstanding at once.
+        timeout_s: limit of one HTTP call, seconds.
+        retry: retry policy of timeouts and 5xx answers.
+        metrics: fleet metrics to update (a private registry when not given).
+    """
+
+    url: str
+    session: aiohttp.ClientSession
+    max_inflight: int = 64
+    timeout_s: float = 3600.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    metrics: FleetMetrics = field(default_factory=FleetMetrics)
+    inflight: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.url = self.url.rstrip("/")
+        self._slots = asyncio.Semaphore(self.max_inflight)
+
+    async def _is_alive(self) -> bool:
+        try:
+            timeout = aiohttp.ClientTimeout(total=5.0)
+            async with self.session.get(f"{self.url}/health", timeout=timeout) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def _post(self, path: str, payload: dict[str, Any] | None) -> Any:
+        """POST with retries; the decoded JSON body (None for an empty body)."""
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        attempt = 0
+        while True:
+            try:
+                async with self.session.post(
+                    f"{self.url}{path}", json=payload, timeout=timeout
+                ) as response:
+                    text = await response.text()
+                    if response.status < 500:
+                        if response.status >= 400:
+                            raise ServerRequestError(
+                                f"{self.url}{path} -> {response.status}: {text[:500]}"
+                            )
+                        return _decode(text)
+                    failure = f"HTTP {response.status}: {text[:200]}"
+            except aiohttp.ClientConnectionError as error:
+                if not await self._is_alive():
+                    raise ServerUnavailable(f"{self.url} is unreachable: {error!r}") from error
+                failure = repr(error)
+            except TimeoutError:
+                failure = f"timed out after {self.timeout_s} s"
+            if attempt == self.retry.max_retries:
+                raise ServerUnavailable(
+                    f"{self.url}{path} failed {attempt + 1} times, last: {failure}"
+                )
+            self.metrics.retries.labels(self.url).inc()
+            await asyncio.sleep(self.retry.delay(attempt))
+            attempt += 1
+
+    async def generate(
+        self, input_ids: Sequence[int], params: SamplingParams, rid: str | None = None
+    ) -> Generation:
+        """Generate one response to `input_ids` ([P] token ids), waiting for a free slot."""
+        async with self._slots:
+            self.inflight += 1
+            self.metrics.inflight_requests.labels(self.url).inc()
+            try:
+                body = await self._post(
+                    "/generate",
+                    {
+                        "input_ids": list(input_ids),
+                        "sampling_params": params.to_json(),
+                        "return_logprob": True,
+                        "rid": rid or uuid.uuid4().hex,
+                    },
+                )
+            finally:
+                self.inflight -= 1
+                self.metrics.inflight_requests.labels(self.url).dec()
+        generation = Generation.from_response(body, self.url)
+        self.metrics.requests.labels(self.url).inc()
+        self.metrics.generated_tokens.inc(len(generation.output_ids))
+        return generation
+
+    async def abort(self, rid: str | None = None) -> None:
+        """Abort request `rid`, or every request on the server when `rid` is None; the
+        aborted `generate` calls return with finish reason `"abort"`."""
+        await self._post("/abort_request", {"rid": rid or "", "abort_all": rid is None})
+
+    async def flush_cache(self) -> None:
+        """Drop the prefix (radix) cache; SGLang skips it while requests are running."""
+        await self._post("/flush_cache", None)
+
+    async def health_generate(self) -> bool:
+        """True if the server generates a token (GET `/health_generate`)."""
+        try:
+            timeout = aiohttp.ClientTimeout(total=min(self.timeout_s, 60.0))
+            async with self.session.get(f"{self.url}/health_generate", timeout=timeout) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def update_weights_from_disk(self, model_path: str, weight_version: str) -> None:
+        """Load new weights from an HF checkpoint directory readable by the server."""
+        await self._checked(
+            "/update_weights_from_disk",
+            {"model_path": model_path, "weight_version": weight_version},
+        )
+
+    async def init_weights_update_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        backend: str = "gloo",
+    ) -> None:
+        """Join the broadcast group whose rank 0 is the trainer (blocks until all ranks join)."""
+        await self._checked(
+            "/init_weights_update_group",
+            {
+                "master_address": master_address,
+                "master_port": master_port,
+                "rank_offset": rank_offset,
+                "world_size": world_size,
+                "group_name": group_name,
+                "backend": backend,
+            },
+        )
+
+    async def destroy_weights_update_group(self, group_name: str) -> None:
+        await self._checked("/destroy_weights_update_group", {"group_name": group_name})
+
+    async def update_weights_from_distributed(
+        self,
+        names: Sequence[str],
+        dtypes: Sequence[str],
+        shapes: Sequence[Sequence[int]],
+        group_name: str,
+        weight_version: str,
+    ) -> None:
+        """Receive the named tensors broadcast by rank 0, one broadcast per tensor in order.
+
+        `dtypes` are torch dtype names (`"float32"`), `shapes` the tensor shapes. Wrapped in
+        `/begin_weight_update` / `/end_weight_update`, as SGLang 0.5.23 requires.
+        """
+        await self._in_update_session(
+            "/update_weights_from_distributed",
+            {
+                "names": list(names),
+                "dtypes": list(dtypes),
+                "shapes": [list(s) for s in shapes],
+                "group_name": group_name,
+                "weight_version": weight_version,
+            },
+        )
+
+    async def update_weights_from_tensor(
+        self, serialized_named_tensors: bytes, weight_version: str
+    ) -> None:
+        """Load tensors pickled by `serialize_named_tensors` (the server is one TP rank).
+
+        The tensors are passed by shared memory: keep them alive until this returns.
+        """
+        await self._in_update_session(
+            "/update_weights_from_tensor",
+            {
+                "serialized_named_tensors": [base64.b64encode(serialized_named_tensors).decode()],
+                "weight_version": weight_version,
+            },
+        )
+
+    async def _in_update_session(self, path: str, payload: dict[str, Any]) -> None:
+        await self._checked("/begin_weight_update", {"selector": "all"})
+        try:
+            await self._checked(path, payload)
+        finally:
+            await self._checked("/end_weight_update", {})
+
+    async def _checked(self, path: str, payload: dict[str, Any]) -> None:
+        body = await self._post(path, payload)
+        if isinstance(body, dict) and body.get("success") is False:
+            raise ServerRequestError(f"{self.url}{path}: {body.get('message')}")
+
+
+def serialize_named_tensors(named_tensors: Sequence[tuple[str, Any]]) -> bytes:
+    """Pickle (name, tensor) pairs the way SGLang's `MultiprocessingSerializer` reads them.
+
+    Tensor storage travels through shared memory; on CPU this needs torch's `file_system`
+    sharing strategy (with `file_descriptor` the server dies), which this call sets for the
+    process.
+    """
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # registers the tensor reductions with ForkingPickler
+
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    buffer = io.BytesIO()
+    ForkingPickler(buffer).dump(list(named_tensors))
+    return buffer.getvalue()
+
+
+def _decode(text: str) -> Any:
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text

@@ -1,0 +1,193 @@
+"""Local SGLang server and `sglang-router` processes: command lines, start, health wait, stop.
+
+Each process runs in its own process group (so its scheduler and detokenizer children go with
+it), writes stdout and stderr to a log file, and is stopped by PID: SIGTERM to the group, then
+SIGKILL after a grace period. Health is polled over HTTP with a deadline; a process that exits
+while starting fails fast with the tail of its log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+CPU_SERVER_ARGS = (
+    "--device",
+    "cpu",
+    "--attention-backend",
+    "torch_native",
+    "--skip-server-warmup",
+    "--sleep-on-idle",
+    "--max-total-tokens",
+    "8192",
+    "--max-running-requests",
+    "16",
+)
+"""Flags for SGLang on CPU: bounded KV-cache reservation (else ~15 GB) and no idle spinning."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def sglang_server_argv(
+    model_path: str | Path, port: int, host: str = "127.0.0.1", extra_args: Sequence[str] = ()
+) -> list[str]:
+    """The command line of one `sglang.launch_server` (extra flags appended last)."""
+    return [
+        sys.executable,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        str(model_path),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        *extra_args,
+    ]
+
+
+def sglang_router_argv(worker_urls: Sequence[str], port: int, host: str = "127.0.0.1") -> list[str]:
+    """The command line of an `sglang-router` balancing over `worker_urls`."""
+    return [
+        sys.executable,
+        "-m",
+        "sglang_router.launch_router",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--policy",
+        "round_robin",
+        "--worker-urls",
+        *worker_urls,
+    ]
+
+
+def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
+    """GET `url`; (status, body), with status 0 when nothing answered."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, b""
+    except (OSError, TimeoutError):
+        return 0, b""
+
+
+class ManagedProcess:
+    """A child process in its own process group, logging to a file, stopped by PID."""
+
+    def __init__(
+        self, name: str, argv: Sequence[str], log_path: str | Path, env: dict[str, str] | None
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = Path(log_path)
+        self._env = env
+        self._popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._popen.pid if self._popen else None
+
+    def start(self) -> None:
+        """Spawn the process (new session, so it and its children share one process group)."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self._popen = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self._env,
+                start_new_session=True,
+            )
+
+    def is_running(self) -> bool:
+        return self._popen is not None and self._popen.poll() is None
+
+    def log_tail(self, num_lines: int = 30) -> str:
+        """The last lines of the log file."""
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
+
+    def wait_until(self, ready: Callable[[], bool], timeout_s: float, what: str) -> float:
+        """Poll `ready` every 0.5 s until it holds; returns the seconds waited.
+
+        Raises:
+            RuntimeError: the process exited first (message holds its log tail).
+            TimeoutError: `timeout_s` passed first.
+        """
+        start = time.monotonic()
+        while not ready():
+            if not self.is_running():
+                raise RuntimeError(
+                    f"{self.name} exited with code {self._popen and self._popen.returncode} "
+                    f"before {what}; log {self.log_path}:\n{self.log_tail()}"
+                )
+            if time.monotonic() - start > timeout_s:
+                raise TimeoutError(
+                    f"{self.name} not {what} after {timeout_s:.0f} s; log {self.log_path}:\n"
+                    f"{self.log_tail()}"
+                )
+            time.sleep(0.5)
+        return time.monotonic() - start
+
+    def signal(self, signum: int) -> None:
+        """Send `signum` to the whole process group (no-op once it has exited)."""
+        if self._popen is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._popen.pid, signum)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM the process group, SIGKILL it after `grace_s`, and reap the process."""
+        if self._popen is None:
+            return
+        self.signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._popen.wait(timeout=grace_s)
+        # Children may outlive the leader: kill whatever is left of the group.
+        self.signal(signal.SIGKILL)
+        self._popen.wait()
+
+
+def start_router(
+    worker_urls: Sequence[str], log_path: str | Path, timeout_s: float = 120.0
+) -> tuple[ManagedProcess, str]:
+    """Start an `sglang-router` on a free 127.0.0.1 port over `worker_urls`; wait until its
+    `/workers` lists every worker (it answers `/health` before they register).
+
+    Returns the process and the router URL. On failure the process is stopped.
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    router = ManagedProcess("sglang-router", sglang_router_argv(worker_urls, port), log_path, None)
+    router.start()
+
+    def lists_all_workers() -> bool:
+        status, body = http_get(f"{url}/workers")
+        text = body.decode(errors="replace")
+        return status == 200 and all(worker in text for worker in worker_urls)
+
+    try:
+        router.wait_until(lists_all_workers, timeout_s, "listing all workers")
+    except BaseException:
+        router.stop()
+        raise
+    return router, url

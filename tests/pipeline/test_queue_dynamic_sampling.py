@@ -1,0 +1,251 @@
+"""The dynamic-sampling queue with a scripted in-process engine: exact statistics.
+
+The scripted engine answers prompt row r (its prompt is the single token r) with scripted
+response texts (one character per token); a response is correct iff it starts with "yes".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import pickle
+from collections import Counter
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from megatron_dapo.advantages import AdvantageConfig, grpo_advantages
+from pipeline.config import DynamicSamplingConfig, OverlongConfig, RolloutConfig
+from pipeline.dynamic_sampling import DynamicSamplingQueue, GenerationRoundsExceeded
+from pipeline.prompts import PromptRow, PromptSource
+from pipeline.rewards.base import FunctionScorer, RewardResult
+from pipeline.sglang_client import Generation, SamplingParams
+
+G = 4
+MIXED = ("yes", "no", "no", "no")
+RIGHT = ("yes",) * G
+WRONG = ("no",) * G
+LOGPROB = -0.5
+
+
+class RowTokenizer:
+    """Prompt row r -> the single token r."""
+
+    def apply_chat_template(self, conversation, **kwargs) -> list[int]:
+        return [int(conversation[0]["content"])]
+
+    def encode(self, text: str, **kwargs) -> list[int]:
+        return [int(text)]
+
+
+class ScriptedEngine:
+    """Answers row r with `script[r]` (MIXED by default); rows in `gated` never finish."""
+
+    def __init__(self, script: dict[int, Sequence[str]], gated: Sequence[int] = ()) -> None:
+        self.script = script
+        self.gated = set(gated)
+        self.weight_version = 0
+        self.calls: Counter[int] = Counter()
+        self.cancelled = 0
+
+    async def generate(self, input_ids: Sequence[int], params: SamplingParams) -> Generation:
+        row = input_ids[0]
+        index = self.calls[row]
+        self.calls[row] += 1
+        version = self.weight_version
+        if row in self.gated:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        await asyncio.sleep(0)
+        text = self.script.get(row, MIXED)[index % G][: params.max_new_tokens]
+        return Generation(
+            output_ids=tuple(ord(c) for c in text),
+            output_logprobs=(LOGPROB,) * len(text),
+            finish_reason="length" if len(text) == params.max_new_tokens else "stop",
+            server_weight_version=str(version),
+            server_url="scripted",
+            weight_version=version,
+        )
+
+
+def yes_reward(response: str, ground_truth: str) -> RewardResult:
+    return RewardResult.from_correctness(response.startswith("yes"), response[:3])
+
+
+def make_queue(
+    engine: ScriptedEngine,
+    num_groups: int = 2,
+    oversample: float = 1.0,
+    max_rounds: int = 10,
+    enabled: bool = True,
+    max_staleness: int = 0,
+    async_mode: bool = False,
+    overlong: OverlongConfig | None = None,
+    max_response_length: int = 64,
+    adapt: bool = False,
+) -> DynamicSamplingQueue:
+    rows = [PromptRow([{"role": "user", "content": str(r)}], "yes") for r in range(100)]
+    return DynamicSamplingQueue(
+        prompts=PromptSource(rows, RowTokenizer(), max_prompt_length=10, shuffle=False),
+        engine=engine,
+        scorer=FunctionScorer(yes_reward),
+        decode=lambda ids: "".join(map(chr, ids)),
+        advantage_fn=functools.partial(grpo_advantages, config=AdvantageConfig()),
+        num_groups=num_groups,
+        rollout=RolloutConfig(
+            n_samples_per_prompt=G,
+            max_response_length=max_response_length,
+            max_staleness=max_staleness,
+        ),
+        sampling=DynamicSamplingConfig(
+            enabled=enabled,
+            max_generation_rounds=max_rounds,
+            oversample_factor=oversample,
+            adapt_to_keep_rate=adapt,
+        ),
+        overlong=overlong or OverlongConfig(soft_punishment=False),
+        async_mode=async_mode,
+    )
+
+
+def test_groups_with_zero_or_full_accuracy_are_dropped_and_rounds_counted():
+    engine = ScriptedEngine({0: WRONG, 1: RIGHT})
+    queue = make_queue(engine)
+    batch, stats = asyncio.run(queue.next_batch(policy_version=0))
+
+    assert (stats.generation_rounds, stats.generated_groups, stats.kept) == (2, 4, 2)
+    assert (stats.dropped_all_wrong, stats.dropped_all_correct, stats.aborted) == (1, 1, 0)
+    assert stats.generated_samples == 4 * G and stats.carried_out == 0
+    assert sorted({m["row_index"] for m in batch.metadata}) == [2, 3]
+    assert batch.num_samples == 2 * G
+    assert batch.group_ids.tolist() == [0] * G + [1] * G
+
+    scores = torch.tensor([[1.0 if t == "yes" else -1.0 for t in MIXED]] * 2)
+    expected = (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True)
+    torch.testing.assert_close(batch.rewards, scores.reshape(-1))
+    torch.testing.assert_close(batch.advantages, expected.reshape(-1), atol=1e-5, rtol=0)
+    responses = batch.response_lengths()
+    assert responses.tolist() == [len(t) for t in MIXED] * 2
+    assert batch.loss_mask.sum() == responses.sum()
+    assert torch.all(batch.old_log_probs[batch.loss_mask] == LOGPROB)
+    assert torch.all(batch.old_log_probs[~batch.loss_mask] == 0.0)
+
+    sample = queue.metrics.registry.get_sample_value
+    assert sample("dapo_queue_dropped_groups_total", {"reason": "all_wrong"}) == 1
+    assert sample("dapo_queue_dropped_groups_total", {"reason": "all_correct"}) == 1
+    assert sample("dapo_queue_kept_groups_total") == 2
+    assert sample("dapo_queue_generation_rounds_sum") == 2
+
+
+def test_soft_overlong_punishment_and_overlong_filter():
+    long_right, mid_right = "yes" + "." * 5, "yes..."
+    engine = ScriptedEngine({0: (long_right, mid_right, "no", "no")})
+    overlong = OverlongConfig(soft_punishment=True, cache_length=4, filter_truncated=True)
+    queue = make_queue(engine, num_groups=1, overlong=overlong, max_response_length=8)
+    batch, _ = asyncio.run(queue.next_batch(0))
+
+    lengths = torch.tensor([8.0, 6.0, 2.0, 2.0])
+    penalty = torch.clamp(((8 - 4) - lengths) / 4, -1.0, 0.0)  # DAPO Eq. 13
+    torch.testing.assert_close(batch.rewards, torch.tensor([1.0, 1.0, -1.0, -1.0]) + penalty)
+    assert [m["finish_reason"] for m in batch.metadata] == ["length", "stop", "stop", "stop"]
+    per_sample_trained = [bool(batch.loss_mask[batch.sample_ids() == i].any()) for i in range(4)]
+    assert per_sample_trained == [False, True, True, True]
+
+
+def test_surplus_groups_are_carried_leftovers_aborted_and_stale_ones_dropped():
+    engine = ScriptedEngine({}, gated=[3])
+    queue = make_queue(engine, num_groups=2, oversample=2.0)
+
+    async def steps():
+        first = await queue.next_batch(0)
+        second = await queue.next_batch(0)
+        engine.weight_version = 1
+        third = await queue.next_batch(1)
+        return first, second, third
+
+    (batch1, s1), (batch2, s2), (batch3, s3) = asyncio.run(steps())
+    # Step 1 draws rows 0-3: 0-2 are kept (one carried over), row 3 is still generating.
+    assert (s1.kept, s1.aborted, s1.carried_out) == (3, 1, 1)
+    assert engine.cancelled == G, "the leftover group's requests must be cancelled"
+    rows1 = {m["row_index"] for m in batch1.metadata}
+    assert len(rows1) == 2 and rows1 < {0, 1, 2}
+    # Step 2 reuses the carried group and draws rows 4-5 for the one missing group.
+    assert (s2.carried_in, s2.generation_rounds, s2.kept, s2.carried_out) == (1, 1, 2, 1)
+    rows2 = {m["row_index"] for m in batch2.metadata}
+    assert len(rows2) == 2 and {0, 1, 2} - rows1 < rows2 and rows2 < {0, 1, 2, 4, 5}
+    # Step 3 is one policy version later: with max_staleness=0 the carried group is stale.
+    assert (s3.dropped_stale, s3.carried_in) == (1, 0)
+    assert batch3.weight_versions.tolist() == [1] * (2 * G)
+    assert set(batch1.group_ids.tolist()).isdisjoint(batch2.group_ids.tolist())
+
+
+def test_prompts_per_round_adapt_to_the_observed_keep_rate():
+    engine = ScriptedEngine({0: WRONG, 1: RIGHT, 2: WRONG}, gated=range(6, 100))
+    queue = make_queue(engine, num_groups=2, adapt=True)
+    _, stats = asyncio.run(queue.next_batch(0))
+    # Round 1: 2 prompts, none kept -> keep rate (0 + 1) / (2 + 1) -> round 2 asks 2 * 3 = 6.
+    assert stats.generation_rounds == 2
+    assert sorted(engine.calls) == list(range(8))
+    assert (stats.kept, stats.aborted, stats.dropped_all_wrong) == (3, 2, 2)
+
+
+def test_state_dict_resumes_the_prompt_position_and_carried_groups():
+    original = make_queue(ScriptedEngine({}, gated=[3]), num_groups=2, oversample=2.0)
+    asyncio.run(original.next_batch(0))
+    state = pickle.loads(pickle.dumps(original.state_dict()))
+    (carried,) = [g.prompt.row_index for g in state["carried"]]
+    resumed = make_queue(ScriptedEngine({}), num_groups=2, oversample=2.0)
+    resumed.load_state_dict(state)
+
+    def next_step(queue: DynamicSamplingQueue):
+        engine = queue.engine
+        called_before = set(engine.calls)
+        batch, stats = asyncio.run(queue.next_batch(0))
+        rows = {m["row_index"] for m in batch.metadata}
+        drawn = set(engine.calls) - called_before
+        return carried in rows, set(batch.group_ids.tolist()), drawn, stats.carried_in
+
+    assert next_step(resumed) == next_step(original) == (True, {2, 3}, {4, 5}, 1)
+
+
+def test_too_many_generation_rounds_raise_a_clear_error():
+    engine = ScriptedEngine({r: WRONG for r in range(100)})
+    queue = make_queue(engine, num_groups=2, max_rounds=3)
+    with pytest.raises(GenerationRoundsExceeded, match="in 3 generation rounds.*6 as all wrong"):
+        asyncio.run(queue.next_batch(0))
+    assert sum(engine.calls.values()) == 3 * 2 * G
+
+
+def test_disabled_dynamic_sampling_keeps_every_group_in_one_round():
+    engine = ScriptedEngine({0: RIGHT, 1: WRONG})
+    queue = make_queue(engine, enabled=False)
+    batch, stats = asyncio.run(queue.next_batch(0))
+    assert (stats.generation_rounds, stats.kept, stats.dropped_all_correct) == (1, 2, 0)
+    assert torch.all(batch.advantages == 0.0), "constant groups carry no advantage"
+
+
+def test_async_mode_overlaps_generation_with_training_within_staleness():
+    with pytest.raises(ValueError, match="max_staleness >= 1"):
+        make_queue(ScriptedEngine({}), async_mode=True, max_staleness=0)
+    engine = ScriptedEngine({})
+    queue = make_queue(engine, async_mode=True, max_staleness=1)
+
+    async def steps():
+        first = await queue.next_batch(0)
+        queue.start_prefetch()
+        await asyncio.sleep(0.05)  # "training" step 0 while the next groups generate
+        generated_while_training = sum(engine.calls.values())
+        engine.weight_version = 1  # weight sync after the training step
+        second = await queue.next_batch(1)
+        await queue.close()
+        return first, second, generated_while_training
+
+    (_, s1), (batch2, s2), overlapped = asyncio.run(steps())
+    assert overlapped == s1.generated_samples + 2 * G
+    assert batch2.weight_versions.tolist() == [0] * (2 * G)
+    assert (s2.generation_rounds, s2.dropped_stale) == (1, 0)
+    assert queue.metrics.registry.get_sample_value("dapo_queue_staleness_sum") == 2 * G

@@ -1,0 +1,180 @@
+"""The SGLang client against real CPU servers of a tiny random-weight model.
+
+Sampling log-probs are checked against an independent forward pass of the same weights in
+`transformers`; weight updates (disk, gloo broadcast, tensors) are checked by the log-probs
+then matching the other policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import aiohttp
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.rollout_client import RolloutClient
+from pipeline.sglang_client import (
+    Generation,
+    SamplingParams,
+    SGLangServerClient,
+    serialize_named_tensors,
+)
+from pipeline.sglang_server import free_port
+from pipeline.weight_broadcast import WeightBroadcaster
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+
+T = TypeVar("T")
+MESSAGES = [{"role": "user", "content": "What is 12 + 30? Answer briefly."}]
+
+
+def run_with_client(urls: list[str], body: Callable[[RolloutClient], Awaitable[T]]) -> T:
+    async def main() -> T:
+        async with aiohttp.ClientSession() as session:
+            workers = [
+                SGLangServerClient(u, session, max_inflight=8, timeout_s=120.0) for u in urls
+            ]
+            return await body(RolloutClient(workers))
+
+    return asyncio.run(main())
+
+
+def prompt_ids(model_dir: Path) -> list[int]:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return list(
+        tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=False)
+    )
+
+
+@pytest.fixture
+def assert_matches_policy(reference_logprobs):
+    """Asserts a response's sampling log-probs are those of the model at `model_dir`."""
+
+    def check(model_dir: Path, prompt: list[int], generation: Generation) -> None:
+        expected = reference_logprobs(model_dir, prompt, generation.output_ids)
+        got = torch.tensor(generation.output_logprobs, dtype=torch.float64)
+        torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)
+
+    return check
+
+
+def test_generate_logprobs_match_transformers_and_finish_reasons(
+    tiny_models, live_urls, assert_matches_policy
+):
+    prompt = prompt_ids(tiny_models.base)
+    sampled = SamplingParams(max_new_tokens=16, temperature=1.0)
+
+    async def body(client: RolloutClient) -> list[Generation]:
+        for worker in client.workers:
+            assert await worker.health_generate()
+            await worker.flush_cache()
+        return await asyncio.gather(
+            *(client.generate(prompt, sampled) for _ in range(4)),
+            client.generate(prompt, SamplingParams(max_new_tokens=6, ignore_eos=True)),
+            client.generate(
+                prompt, SamplingParams(max_new_tokens=6, stop_token_ids=tuple(range(104)))
+            ),
+        )
+
+    *samples, truncated, stopped = run_with_client(live_urls, body)
+    for generation in samples:
+        assert 1 <= len(generation.output_ids) <= 16
+        assert len(generation.output_logprobs) == len(generation.output_ids)
+        assert generation.weight_version == 0
+        assert_matches_policy(tiny_models.base, prompt, generation)
+    assert len({g.output_ids for g in samples}) > 1, "temperature 1 should give distinct samples"
+    assert (truncated.finish_reason, len(truncated.output_ids)) == ("length", 6)
+    assert (stopped.finish_reason, len(stopped.output_ids)) == ("stop", 1)
+
+
+def test_abort_ends_a_running_request(tiny_models, live_urls):
+    prompt = prompt_ids(tiny_models.base)
+    long = SamplingParams(max_new_tokens=4000, ignore_eos=True)
+
+    async def body(client: RolloutClient) -> Generation:
+        server = client.workers[0]
+        task = asyncio.create_task(server.generate(prompt, long, rid="abort-me"))
+        await asyncio.sleep(1.0)
+        for _ in range(60):  # repeated: an abort that beats the request to the server is a no-op
+            await server.abort("abort-me")
+            await asyncio.wait({task}, timeout=0.5)
+            if task.done():
+                break
+        return await asyncio.wait_for(task, timeout=5.0)
+
+    generation = run_with_client(live_urls, body)
+    assert generation.finish_reason == "abort"
+    assert 0 < len(generation.output_ids) < 4000
+
+
+def greedy(client: RolloutClient, prompt: list[int]) -> Awaitable[list[Generation]]:
+    """One greedy response per live worker (each server is checked)."""
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    return asyncio.gather(*(w.generate(prompt, params) for w in client.live_workers))
+
+
+def test_update_weights_from_disk_changes_outputs(tiny_models, live_urls, assert_matches_policy):
+    prompt = prompt_ids(tiny_models.base)
+
+    async def body(client: RolloutClient) -> tuple[list[Generation], ...]:
+        before = await greedy(client, prompt)
+        await client.update_weights_from_disk(str(tiny_models.other), weight_version=1)
+        after = await greedy(client, prompt)
+        await client.update_weights_from_disk(str(tiny_models.base), weight_version=2)
+        return before, after, await greedy(client, prompt)
+
+    before, after, restored = run_with_client(live_urls, body)
+    for old, new, back in zip(before, after, restored, strict=True):
+        assert_matches_policy(tiny_models.base, prompt, old)
+        assert_matches_policy(tiny_models.other, prompt, new)
+        assert new.output_logprobs != old.output_logprobs
+        assert new.server_weight_version == "1"
+        assert back.output_ids == old.output_ids and back.server_weight_version == "2"
+
+
+def named_parameters(model_dir: Path) -> list[tuple[str, torch.Tensor]]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return [(name, p.detach().clone()) for name, p in model.state_dict().items()]
+
+
+def test_update_weights_from_distributed_over_gloo(tiny_models, live_urls, assert_matches_policy):
+    prompt = prompt_ids(tiny_models.base)
+
+    async def body(client: RolloutClient) -> tuple[list[Generation], list[Generation]]:
+        broadcaster = WeightBroadcaster(client, "127.0.0.1", free_port(), timeout_s=60.0)
+        await broadcaster.connect()
+        await broadcaster.push(named_parameters(tiny_models.other), weight_version=3)
+        pushed = await greedy(client, prompt)
+        assert client.weight_version == 3
+        await broadcaster.push(named_parameters(tiny_models.base), weight_version=4)
+        restored = await greedy(client, prompt)
+        await broadcaster.close()
+        return pushed, restored
+
+    pushed, restored = run_with_client(live_urls, body)
+    for new, back in zip(pushed, restored, strict=True):
+        assert_matches_policy(tiny_models.other, prompt, new)
+        assert_matches_policy(tiny_models.base, prompt, back)
+        assert (new.server_weight_version, back.server_weight_version) == ("3", "4")
+
+
+def test_update_weights_from_tensor(tiny_models, live_urls, assert_matches_policy):
+    prompt = prompt_ids(tiny_models.base)
+
+    async def body(client: RolloutClient) -> tuple[list[Generation], list[Generation]]:
+        other = named_parameters(tiny_models.other)
+        await client.update_weights_from_tensor(serialize_named_tensors(other), weight_version=5)
+        pushed = await greedy(client, prompt)
+        base = named_parameters(tiny_models.base)
+        await client.update_weights_from_tensor(serialize_named_tensors(base), weight_version=6)
+        return pushed, await greedy(client, prompt)
+
+    pushed, restored = run_with_client(live_urls, body)
+    for new, back in zip(pushed, restored, strict=True):
+        assert_matches_policy(tiny_models.other, prompt, new)
+        assert_matches_policy(tiny_models.base, prompt, back)
