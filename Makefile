@@ -60,7 +60,7 @@ project: env
 	  $(VPY) -m pip install --quiet --no-deps --no-build-isolation -e . -e launch/sglang_cpu_platform; fi
 
 demo: project system-deps
-	$(VENV)/bin/megatron-dapo demo $(DEMO_CONFIG)
+	OMP_NUM_THREADS=1 $(VENV)/bin/megatron-dapo train $(DEMO_CONFIG)
 
 test: project system-deps
 	cd $(CURDIR) && $(VPY) -m pytest $(PYTEST_ARGS)

@@ -1,7 +1,7 @@
 """The `megatron-dapo` command line.
 
 megatron-dapo check-config CONFIG [dotted.key=value ...]   validate and print the config
-megatron-dapo demo CONFIG [dotted.key=value ...]           the embedded CPU main job
+megatron-dapo train CONFIG [dotted.key=value ...]          DAPO training (the main job)
 """
 
 from __future__ import annotations
@@ -28,36 +28,17 @@ def _check_config(config: RunConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(config: RunConfig, args: argparse.Namespace) -> int:
-    """Run the main job on the embedded CPU default."""
-    from megatron_dapo.algorithm_demo import StepReport, run_algorithm_demo
+def _train(config: RunConfig, args: argparse.Namespace) -> int:
+    """Train a policy with DAPO: the trainer, its rollout fleet and metrics (the main job)."""
+    from megatron_dapo.train import needs_relaunch, relaunch_under_torchrun, run
 
-    print(
-        f"megatron-dapo demo ({args.config})\n"
-        "  The Megatron-Core trainer and the SGLang rollout fleet are not built yet, so this run\n"
-        "  trains a toy tabular policy on `a+b` prompts with the real DAPO algorithm core: rule\n"
-        "  reward, soft overlong punishment, dynamic sampling, group advantages, clip-higher\n"
-        f"  token-level loss ({config.algorithm.policy_loss}, {config.algorithm.loss_aggregation},"
-        f" eps {config.algorithm.eps_low}/{config.algorithm.eps_high}), "
-        f"G = {config.rollout.n_samples_per_prompt}, {config.training.steps} steps.",
-        flush=True,
-    )
-
-    def show(report: StepReport) -> None:
-        print(
-            f"step {report.step + 1:3d}/{config.training.steps}  accuracy {report.accuracy:.3f}  "
-            f"entropy {report.entropy:.3f}  clip low/high {report.clip_low:.3f}/"
-            f"{report.clip_high:.3f}  generation rounds {report.generation_rounds}",
-            flush=True,
-        )
-
-    reports = run_algorithm_demo(config, progress=show)
-    first, last = reports[0].accuracy, reports[-1].accuracy
-    print(f"accuracy {first:.3f} -> {last:.3f} over {len(reports)} steps")
+    if needs_relaunch(config):
+        return relaunch_under_torchrun(config, [args.config, *args.overrides])
+    run(config)
     return 0
 
 
-COMMANDS = {"check-config": _check_config, "demo": _demo}
+COMMANDS = {"check-config": _check_config, "train": _train}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,8 +58,10 @@ class ModelConfig(Section):
 
     hf_checkpoint: str | None = None
     """Directory of an HF-format checkpoint (config.json + safetensors) to start from."""
-    tokenizer: str | None = None
-    """Tokenizer directory; defaults to `hf_checkpoint`."""
+    random_init: Literal["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral"] | None = None
+    """If set and `hf_checkpoint` does not exist yet, the trainer first writes a random-weight
+    checkpoint of this architecture there (sizes from this section, the project's
+    character-level tokenizer): runs that start from scratch, like the CPU demo."""
     num_layers: int = Field(ge=1)
     hidden_size: int = Field(ge=1)
     ffn_hidden_size: int = Field(ge=1)

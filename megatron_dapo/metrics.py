@@ -36,6 +36,7 @@ class StepMetrics:
     approx_kl: float
     reward_mean: float
     accuracy: float
+    """Fraction of correct responses among all generated in the step (before filtering)."""
     response_length_mean: float
     response_length_max: float
     response_length_min: float
@@ -83,7 +84,10 @@ class TrainerMetricsExporter:
         self._moe_aux = gauge("moe_aux_loss", "MoE load-balancing auxiliary loss")
         self._expert_load = gauge("moe_expert_load_ratio", "Share of routed tokens", "expert")
         self._tokens = Counter(
-            f"{PREFIX}_trained_tokens", "Tokens trained on", ("run",), registry=registry
+            f"{PREFIX}_trained_tokens",
+            "Tokens (prompt and response) through the policy in training",
+            ("run",),
+            registry=registry,
         )
 
     def serve(self, bind_address: str, port: int) -> int:

@@ -54,7 +54,7 @@ _STATS = ("loss", "clipped_low", "clipped_high", "dual_clipped", "tokens", "entr
 
 
 @dataclass(frozen=True)
-class StepMetrics:
+class OptimizerStepMetrics:
     """What one optimizer step did; identical on every rank.
 
     Attributes:
@@ -199,7 +199,7 @@ class PolicyTrainer:
             else None
         )
 
-    def train(self, batch: TrainBatch) -> list[StepMetrics]:
+    def train(self, batch: TrainBatch) -> list[OptimizerStepMetrics]:
         """One `step` per mini-batch of `training.mini_batch_size` samples, in batch order."""
         size = self.config.training.mini_batch_size
         if batch.num_samples % size:
@@ -211,7 +211,7 @@ class PolicyTrainer:
             for start in range(0, batch.num_samples, size)
         ]
 
-    def step(self, batch: TrainBatch) -> StepMetrics:
+    def step(self, batch: TrainBatch) -> OptimizerStepMetrics:
         """One optimizer step on `batch` (the same batch on every rank); see the module doc."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -249,7 +249,7 @@ class PolicyTrainer:
         update_successful, grad_norm, _ = self.optimizer.step()
         self.optimizer_steps += 1
         stats = self._reduce_stats(outputs)
-        return StepMetrics(
+        return OptimizerStepMetrics(
             loss=stats["loss"],
             clip_fraction_low=stats["clipped_low"] / max(stats["tokens"], 1),
             clip_fraction_high=stats["clipped_high"] / max(stats["tokens"], 1),

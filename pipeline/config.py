@@ -7,7 +7,7 @@ composes them into the run configuration. Lengths are in tokens, times in second
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -67,6 +67,10 @@ class DataConfig(Section):
     """reasoning_gym: the procedural task name (e.g. `basic_arithmetic`)."""
     task_size: int = Field(10000, ge=1)
     """reasoning_gym: how many procedural prompts the dataset holds."""
+    task_options: dict[str, Any] = Field(default_factory=dict)
+    """reasoning_gym: keyword arguments of the task's dataset config (e.g. digits, operators)."""
+    max_answer_chars: int | None = Field(None, ge=1)
+    """Keep only rows whose reference answer has at most this many characters."""
     prompt_key: str = "prompt"
     answer_key: str = "reward_model.ground_truth"
     """Dotted path of the reference answer in a row (DAPO-Math-17k layout by default)."""

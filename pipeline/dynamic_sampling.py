@@ -86,6 +86,8 @@ class StepStats:
     generation_rounds: int = 0
     generated_groups: int = 0
     generated_samples: int = 0
+    correct_samples: int = 0
+    """Generated responses judged correct (all scored groups, kept or not)."""
     generated_tokens: int = 0
     kept: int = 0
     dropped_all_correct: int = 0
@@ -98,6 +100,11 @@ class StepStats:
     """Wall time spent in generation rounds."""
 
     @property
+    def accuracy(self) -> float:
+        """Fraction of the step's generated (and scored) responses that were correct."""
+        return self.correct_samples / self.generated_samples if self.generated_samples else 0.0
+
+    @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.generation_seconds if self.generation_seconds else 0.0
 
@@ -107,6 +114,7 @@ class StepStats:
             "generation_rounds",
             "generated_groups",
             "generated_samples",
+            "correct_samples",
             "generated_tokens",
             "kept",
             "dropped_all_correct",
@@ -337,6 +345,7 @@ class DynamicSamplingQueue:
             return
         stats.generated_groups += 1
         stats.generated_samples += len(group.generations)
+        stats.correct_samples += sum(group.correct)
         stats.generated_tokens += sum(len(g.output_ids) for g in group.generations)
         self._lifetime_generated += 1
         if self.sampling.enabled:

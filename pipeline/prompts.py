@@ -73,24 +73,31 @@ def _as_messages(value: Any) -> Messages:
 
 
 def load_rows(config: DataConfig) -> list[PromptRow]:
-    """Read every row of the configured source (files through `datasets`, no network)."""
+    """Read every row of the configured source (files through `datasets`, no network), keeping
+    those whose answer fits `max_answer_chars`."""
     if config.source == "reasoning_gym":
         import reasoning_gym
 
         assert config.task is not None
-        dataset = reasoning_gym.create_dataset(config.task, size=config.task_size, seed=config.seed)
-        return [PromptRow(_as_messages(item["question"]), str(item["answer"])) for item in dataset]
-    import datasets
-
-    table = datasets.load_dataset(
-        "json" if config.source == "jsonl" else "parquet", data_files=config.path, split="train"
-    )
-    return [
-        PromptRow(
-            _as_messages(_lookup(row, config.prompt_key)), str(_lookup(row, config.answer_key))
+        dataset = reasoning_gym.create_dataset(
+            config.task, size=config.task_size, seed=config.seed, **config.task_options
         )
-        for row in table
-    ]
+        rows = [PromptRow(_as_messages(item["question"]), str(item["answer"])) for item in dataset]
+    else:
+        import datasets
+
+        table = datasets.load_dataset(
+            "json" if config.source == "jsonl" else "parquet", data_files=config.path, split="train"
+        )
+        rows = [
+            PromptRow(
+                _as_messages(_lookup(row, config.prompt_key)), str(_lookup(row, config.answer_key))
+            )
+            for row in table
+        ]
+    if config.max_answer_chars is not None:
+        rows = [row for row in rows if len(row.ground_truth) <= config.max_answer_chars]
+    return rows
 
 
 class PromptSource:

@@ -59,3 +59,20 @@ def test_normalize_is_idempotent_on_table() -> None:
         for text in (extract_final_answer(response) or "", truth):
             once = normalize_answer(text)
             assert normalize_answer(once) == once
+
+
+@pytest.mark.parametrize(
+    ("response", "truth", "acc"),
+    [
+        ("7", "7", True),
+        ("  7\n", "7", True),
+        ("7.", "7", False),
+        ("17", "7", False),
+        ("", "7", False),
+    ],
+)
+def test_exact_match_reward(response: str, truth: str, acc: bool) -> None:
+    from pipeline.rewards.exact_match import exact_match_reward
+
+    result = exact_match_reward(response, truth)
+    assert result.acc is acc and result.score == (1.0 if acc else -1.0)

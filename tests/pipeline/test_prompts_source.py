@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -54,6 +55,23 @@ def test_reasoning_gym_task_gives_questions_and_answers():
     assert len(rows) == 4
     assert all(r.messages[0]["role"] == "user" and r.messages[0]["content"] for r in rows)
     assert rows == load_rows(config), "procedural tasks must be deterministic given the seed"
+
+
+def test_task_options_reach_reasoning_gym_and_answers_can_be_length_filtered():
+    options = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+    options |= {"allow_parentheses": False, "allow_negation": False}
+    config = DataConfig(
+        source="reasoning_gym",
+        task="basic_arithmetic",
+        task_size=200,
+        task_options={**options, "operators": ["+"]},
+        max_answer_chars=1,
+    )
+    rows = load_rows(config)
+    assert 0 < len(rows) < 200  # two-digit sums are filtered out
+    for row in rows:
+        a, b = (int(t) for t in re.findall(r"\d+", row.messages[0]["content"]))
+        assert str(a + b) == row.ground_truth and len(row.ground_truth) == 1
 
 
 def make_rows(lengths: list[int]) -> list[PromptRow]:
