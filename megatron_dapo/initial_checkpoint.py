@@ -30,6 +30,14 @@ _COMPARED_FIELDS = (
 )
 
 
+_MOE_FIELD_NAMES = {
+    "mixtral": ("num_local_experts", "intermediate_size"),
+    "qwen3_moe": ("num_experts", "moe_intermediate_size"),
+}
+"""HF config keys of (number of experts, expert MLP width) per MoE architecture."""
+_MOE_EXTRA_FIELDS = {"mixtral": {"sliding_window": None}, "qwen3_moe": {"norm_topk_prob": True}}
+
+
 def _hf_config_fields(model: ModelConfig, model_type: str) -> dict:
     """transformers config kwargs for `model_type` with the sizes of `model`."""
     fields = {
@@ -47,28 +55,20 @@ def _hf_config_fields(model: ModelConfig, model_type: str) -> dict:
         "torch_dtype": "float32",
     }
     moe = model.moe
-    if model_type == "mixtral":
-        if moe is None:
-            raise ValueError("model.random_init='mixtral' needs model.moe")
-        fields.update(
-            num_local_experts=moe.num_experts,
-            num_experts_per_tok=moe.router_topk,
-            intermediate_size=moe.ffn_hidden_size or model.ffn_hidden_size,
-            router_aux_loss_coef=moe.aux_loss_coeff,
-            sliding_window=None,
+    names = _MOE_FIELD_NAMES.get(model_type)
+    if (names is None) != (moe is None):
+        kind = "an MoE" if names else "a dense"
+        raise ValueError(
+            f"model.random_init={model_type!r} is {kind} architecture, model.moe is {moe}"
         )
-    elif model_type == "qwen3_moe":
-        if moe is None:
-            raise ValueError("model.random_init='qwen3_moe' needs model.moe")
+    if names is not None and moe is not None:
+        experts, width = names
         fields.update(
-            num_experts=moe.num_experts,
+            {experts: moe.num_experts, width: moe.ffn_hidden_size or model.ffn_hidden_size},
             num_experts_per_tok=moe.router_topk,
-            moe_intermediate_size=moe.ffn_hidden_size or model.ffn_hidden_size,
             router_aux_loss_coef=moe.aux_loss_coeff,
-            norm_topk_prob=True,
+            **_MOE_EXTRA_FIELDS[model_type],
         )
-    elif moe is not None:
-        raise ValueError(f"model.random_init={model_type!r} is dense but model.moe is set")
     return fields
 
 

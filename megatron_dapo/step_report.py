@@ -74,20 +74,12 @@ class StepReporter:
         self._exporter = exporter
         self._bar = tqdm(total=config.training.steps, desc="DAPO steps", unit="step")
 
-    def report(
-        self,
-        step: int,
-        batch: TrainBatch,
-        stats: StepStats,
-        optimizer_steps: Sequence[OptimizerStepMetrics],
-        phase_seconds: Mapping[str, float],
-    ) -> StepMetrics:
-        """Record step `step` (0-based); returns its metrics."""
-        m = summarize_step(step, batch, stats, optimizer_steps, phase_seconds)
+    def report(self, m: StepMetrics, stats: StepStats) -> None:
+        """Export one step's metrics (`summarize_step`) and print its summary line."""
         self._exporter.record(m)
         kept = stats.kept
         self._bar.write(
-            f"step {step + 1}/{self._config.training.steps} | reward {m.reward_mean:+.3f} "
+            f"step {m.step + 1}/{self._config.training.steps} | reward {m.reward_mean:+.3f} "
             f"acc {m.accuracy:.3f} | entropy {m.entropy:.3f} | clip lo/hi "
             f"{m.clip_fraction_low:.3f}/{m.clip_fraction_high:.3f} | "
             f"len {m.response_length_mean:.1f} (max {m.response_length_max:.0f}, "
@@ -95,10 +87,9 @@ class StepReporter:
             f"{stats.generated_groups} groups in {stats.generation_rounds} rounds | "
             f"gen {m.generation_tokens_per_second:.0f} tok/s train "
             f"{m.training_tokens_per_second:.0f} tok/s | "
-            f"{sum(phase_seconds.values()):.1f}s"
+            f"{sum(m.phase_seconds.values()):.1f}s"
         )
         self._bar.update(1)
-        return m
 
     def close(self) -> None:
         self._bar.close()

@@ -193,7 +193,7 @@ def run(config: RunConfig) -> None:
     from megatron_dapo.metrics import TrainerMetricsExporter
     from megatron_dapo.parallel import DistributedEnv, destroy_parallel, initialize_parallel
     from megatron_dapo.policy_step import PolicyTrainer
-    from megatron_dapo.step_report import StepReporter
+    from megatron_dapo.step_report import StepReporter, summarize_step
 
     # Megatron-Core warns about every optional GPU library it does not find (Apex, TE, ...) and
     # torch about deprecated collectives Megatron calls; neither is actionable in a run log.
@@ -220,7 +220,7 @@ def run(config: RunConfig) -> None:
             batch, stats = data_plane.next_batch(version) if data_plane else (None, None)
             generated = time.perf_counter()
             batch = _broadcast_from_rank0(batch)
-            optimizer_steps = trainer.train(batch)
+            steps = trainer.train(batch)
             trained = time.perf_counter()
             weights = run_dir / "weights" / f"v{version + 1}"
             export_hf_checkpoint(_unwrapped(trainer.chunks), weights, initial)
@@ -230,17 +230,12 @@ def run(config: RunConfig) -> None:
                 shutil.rmtree(stale, ignore_errors=True)
             synced = time.perf_counter()
             if reporter is not None:
-                reporter.report(
-                    version,
-                    batch,
-                    stats,
-                    optimizer_steps,
-                    {
-                        "generate": generated - started,
-                        "train": trained - generated,
-                        "weight_sync": synced - trained,
-                    },
-                )
+                phases = {
+                    "generate": generated - started,
+                    "train": trained - generated,
+                    "weight_sync": synced - trained,
+                }
+                reporter.report(summarize_step(version, batch, stats, steps, phases), stats)
         save_checkpoint(trainer, Path(config.checkpoint.dir) / f"step{config.training.steps}")
     finally:
         if reporter is not None:

@@ -33,7 +33,7 @@ def test_demo_model_is_written_as_a_mixtral_checkpoint_of_its_shape(tmp_path: Pa
 
 def test_architecture_must_fit_the_model_section(tmp_path: Path) -> None:
     config = load_config(DEMO, ["model.random_init=llama"])
-    with pytest.raises(ValueError, match="'llama' is dense but model.moe is set"):
+    with pytest.raises(ValueError, match="'llama' is a dense architecture"):
         write_random_checkpoint(config.model, tmp_path, seed=0)
 
 
