@@ -15,8 +15,9 @@ CORE_REQS := requirements/pins.txt requirements/core.txt requirements/test.txt \
 CORE_HASH := $(shell cat $(CORE_REQS) | sha256sum | cut -c1-12)
 VENV     ?= $(ENV_ROOT)/venv-core-$(CORE_HASH)
 VPY      := $(VENV)/bin/python
-# Debian packages the tests need: SLURM + munge (loopback cluster), shellcheck (script lint).
-APT_PACKAGES ?= slurm-wlm munge shellcheck
+# Debian packages the tests need: SLURM + munge (loopback cluster), shellcheck (script lint),
+# Prometheus (scrapes a training run in the end-to-end test).
+APT_PACKAGES ?= slurm-wlm munge shellcheck prometheus
 
 PYTEST_ARGS ?=
 DEMO_CONFIG ?= configs/demo-cpu.yaml

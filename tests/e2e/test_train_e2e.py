@@ -1,5 +1,6 @@
 """`megatron-dapo train` end to end: 2 ranks (expert parallel), a real local SGLang server,
-the dynamic-sampling queue, DAPO policy steps, weight sync from disk and a final checkpoint."""
+the dynamic-sampling queue, DAPO policy steps, weight sync from disk, a final checkpoint, and
+the step metrics read back through a real Prometheus server scraping the run."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from pipeline.sglang_server import free_port
+from tests.e2e.prometheus_server import PrometheusServer
+
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 2
+STEPS = 3
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -31,6 +35,7 @@ def _processes_mentioning(text: str) -> list[int]:
 @pytest.mark.multirank
 @pytest.mark.server
 def test_two_rank_training_run_with_a_real_fleet(tmp_path: Path) -> None:
+    metrics_port = free_port()
     command = [
         sys.executable,
         "-m",
@@ -41,20 +46,31 @@ def test_two_rank_training_run_with_a_real_fleet(tmp_path: Path) -> None:
         "training.prompts_per_step=4",
         "rollout.n_samples_per_prompt=4",
         "training.mini_batch_size=8",
-        "metrics.port=0",
+        f"metrics.port={metrics_port}",
+        "metrics.run_name=e2e",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
-    )
+    with PrometheusServer(tmp_path / "prometheus", [f"127.0.0.1:{metrics_port}"]) as prometheus:
+        result = subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+        )
+        entropy = prometheus.wait_for('last_over_time(dapo_policy_entropy_nats{run="e2e"}[10m])')
+        throughput = prometheus.wait_for(
+            'last_over_time(dapo_tokens_per_second{run="e2e", phase="train"}[10m])'
+        )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
 
     summaries = re.findall(
-        r"step (\d+)/2 \| reward ([-+.\d]+) acc ([.\d]+) \| entropy ([.\d]+)", output
+        rf"step (\d+)/{STEPS} \| reward ([-+.\d]+) acc ([.\d]+) \| entropy ([.\d]+)", output
     )
-    assert [int(s[0]) for s in summaries] == [1, 2], output[-4000:]
-    assert all(0.0 < float(s[2]) < 1.0 for s in summaries)  # dynamic sampling: mixed groups only
+    assert [int(s[0]) for s in summaries] == list(range(1, STEPS + 1)), output[-4000:]
+    assert all(0.0 < float(s[2]) < 1.0 for s in summaries)  # kept groups hold a correct answer
+
+    # Prometheus scraped the trainer: the entropy it holds is one the run printed.
+    printed_entropies = {float(s[3]) for s in summaries}
+    assert round(float(entropy[0]["value"][1]), 3) in printed_entropies
+    assert float(throughput[0]["value"][1]) > 0
 
     run_dir = tmp_path / "runs" / "demo-cpu"
     initial = load_file(run_dir / "initial-model" / "model.safetensors")

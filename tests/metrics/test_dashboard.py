@@ -10,6 +10,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from megatron_dapo.metrics import TrainerMetricsExporter
+from pipeline.metrics import FleetMetrics, QueueMetrics
 from tests.metrics.step_metrics_example import example_step_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,10 +21,23 @@ PROMQL_WORDS = {"rate", "irate", "sum", "avg", "max", "min", "by", "increase"}
 LABEL_VALUES = re.compile(r"label_values\((\w+),\s*\w+\)")
 
 
+SERIES_SUFFIXES = {
+    "counter": ("_total",),
+    "histogram": ("_bucket", "_sum", "_count"),
+    "gauge": ("",),
+}
+
+
 def _exported_series() -> set[str]:
+    """Every series name the trainer and data-plane exporters can expose (labelled or not)."""
     registry = CollectorRegistry()
     TrainerMetricsExporter("r", registry).record(example_step_metrics())
-    return {sample.name for family in registry.collect() for sample in family.samples}
+    QueueMetrics(registry), FleetMetrics(registry)  # the data plane's series, same registry
+    return {
+        family.name + suffix
+        for family in registry.collect()
+        for suffix in SERIES_SUFFIXES[family.type]
+    }
 
 
 def _queries(dashboard: dict) -> list[str]:
