@@ -20,9 +20,8 @@ COPY pipeline/ pipeline/
 COPY megatron_dapo/ megatron_dapo/
 COPY launch/ launch/
 COPY configs/ configs/
-RUN pip install --no-cache-dir --no-deps .
-
-RUN useradd --create-home --uid 1000 dapo
-USER dapo
+RUN pip install --no-cache-dir --no-deps . \
+    && useradd --create-home --uid 1000 dapo
+USER 1000
 ENTRYPOINT ["megatron-dapo"]
 CMD ["--help"]
