@@ -58,8 +58,20 @@ def relaunch_under_torchrun(config: RunConfig, argv: Sequence[str]) -> int:
 
 
 def needs_relaunch(config: RunConfig) -> bool:
-    """True when this process is not a torchrun rank but the run wants several local ranks."""
-    return "RANK" not in os.environ and config.launch.world_size > 1
+    """True when this process is not a torchrun rank but the run wants several local ranks.
+
+    Raises:
+        RuntimeError: the run spans several nodes; those are started by `launch/torchrun.sh`
+            on each node or by `launch/slurm/submit.sh`, not from one process.
+    """
+    if "RANK" in os.environ or config.launch.world_size == 1:
+        return False
+    if config.launch.nnodes > 1:
+        raise RuntimeError(
+            f"launch.nnodes={config.launch.nnodes}: start every node with launch/torchrun.sh "
+            "(or submit launch/slurm/submit.sh); one process cannot start other nodes"
+        )
+    return True
 
 
 class DataPlane:

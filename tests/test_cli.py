@@ -21,3 +21,11 @@ def test_check_config_prints_resolved_config(capsys: pytest.CaptureFixture[str])
 def test_bad_config_exits_2_with_the_reason(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check-config", str(DEMO), "algorithm.eps_low=-1"]) == 2
     assert "algorithm.eps_low = -1" in capsys.readouterr().err
+
+
+def test_multi_node_training_is_not_started_from_one_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(RuntimeError, match="launch.nnodes=2: start every node"):
+        main(["train", str(DEMO), "launch.nnodes=2"])
