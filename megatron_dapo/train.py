@@ -30,7 +30,6 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 import torch.distributed as dist
 
 from megatron_dapo.config import RunConfig
@@ -164,16 +163,6 @@ def _broadcast_from_rank0(value: T | None) -> T:
     return holder[0]  # type: ignore[return-value]
 
 
-def _unwrapped(chunks: Sequence[torch.nn.Module]) -> list[torch.nn.Module]:
-    """The GPTModel inside each DDP / Float16Module wrapper."""
-    models = []
-    for chunk in chunks:
-        while hasattr(chunk, "module"):
-            chunk = chunk.module
-        models.append(chunk)
-    return models
-
-
 def _prepare_initial_checkpoint(config: RunConfig) -> Path:
     """The HF checkpoint the run starts from, written first by rank 0 if `random_init` says so."""
     from megatron_dapo.initial_checkpoint import write_random_checkpoint
@@ -197,6 +186,9 @@ def _prepare_initial_checkpoint(config: RunConfig) -> Path:
 
 def run(config: RunConfig) -> None:
     """The training loop of one rank (under torchrun, or alone for a 1-rank layout)."""
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.transformer.module import Float16Module
+    from megatron.core.utils import unwrap_model
     from prometheus_client import CollectorRegistry
 
     from megatron_dapo.checkpoint import save_checkpoint
@@ -217,6 +209,7 @@ def run(config: RunConfig) -> None:
     run_dir = Path(config.checkpoint.dir).parent
     initial = _prepare_initial_checkpoint(config)
     trainer = PolicyTrainer(config)
+    models = unwrap_model(trainer.chunks, (DistributedDataParallel, Float16Module))
     data_plane = reporter = None
     try:
         if is_rank0:
@@ -235,7 +228,7 @@ def run(config: RunConfig) -> None:
             steps = trainer.train(batch)
             trained = time.perf_counter()
             weights = run_dir / "weights" / f"v{version + 1}"
-            export_hf_checkpoint(_unwrapped(trainer.chunks), weights, initial)
+            export_hf_checkpoint(models, weights, initial)
             if data_plane is not None:
                 data_plane.update_weights(weights, version + 1)
                 stale = run_dir / "weights" / f"v{version + 1 - _WEIGHT_VERSIONS_KEPT}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from megatron_dapo.hf_mappings import AttentionShape, Rule, model_fields_from_hf
 from megatron_dapo.logprobs import fused_linear_log_probs, output_layer_input, output_weight
 from megatron_dapo.model import build_model_chunks
 from megatron_dapo.parallel import DistributedEnv, destroy_parallel, initialize_parallel
+from pipeline.sglang_server import free_port
 
 HERE = Path(__file__).resolve().parent
 
@@ -36,9 +36,7 @@ HERE = Path(__file__).resolve().parent
 @pytest.fixture(scope="module")
 def single_rank():
     """A one-process gloo world with Megatron-Core's parallel state (TP = PP = EP = 1)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = DistributedEnv(
         rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=port
     )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 from training_helpers import random_train_batch, tiny_run_config
@@ -12,15 +10,14 @@ from megatron_dapo.loss_aggregation import LossNormalizers, get_loss_aggregation
 from megatron_dapo.parallel import DistributedEnv, destroy_parallel, initialize_parallel
 from megatron_dapo.policy_loss import get_policy_loss, policy_loss_config_at
 from megatron_dapo.policy_step import PolicyTrainer
+from pipeline.sglang_server import free_port
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", autouse=True)
 def single_rank():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config = tiny_run_config()
     initialize_parallel(config.parallelism, DistributedEnv(0, 1, 0, "127.0.0.1", port), seed=7)
     yield
