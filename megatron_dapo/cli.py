@@ -7,6 +7,7 @@ megatron-dapo train CONFIG [dotted.key=value ...]          DAPO training (the ma
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -31,9 +32,12 @@ def _check_config(config: RunConfig, args: argparse.Namespace) -> int:
 def _train(config: RunConfig, args: argparse.Namespace) -> int:
     """Train a policy with DAPO: the trainer, its rollout fleet and metrics (the main job)."""
     from megatron_dapo.train import needs_relaunch, relaunch_under_torchrun, run
+    from pipeline.parent_death import exit_with_parent
 
     if needs_relaunch(config):
         return relaunch_under_torchrun(config, [args.config, *args.overrides])
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun rank, in a session of its own
+        exit_with_parent()
     run(config)
     return 0
 

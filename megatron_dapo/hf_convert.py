@@ -210,6 +210,13 @@ def gather_hf_state_dict(chunks: list[torch.nn.Module], model_type: str) -> dict
     return merged
 
 
+def gather_hf_weights(
+    chunks: list[torch.nn.Module], source_dir: str | Path
+) -> dict[str, torch.Tensor]:
+    """`gather_hf_state_dict` of the architecture in `source_dir`'s `config.json`. Collective."""
+    return gather_hf_state_dict(chunks, _hf_config(Path(source_dir))["model_type"])
+
+
 def export_hf_checkpoint(
     chunks: list[torch.nn.Module], out_dir: str | Path, source_dir: str | Path
 ) -> None:
@@ -223,7 +230,7 @@ def export_hf_checkpoint(
             the architecture).
     """
     source = Path(source_dir)
-    state = gather_hf_state_dict(chunks, _hf_config(source)["model_type"])
+    state = gather_hf_weights(chunks, source)
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     out = Path(out_dir)

@@ -104,3 +104,25 @@ def write_random_checkpoint(model: ModelConfig, out_dir: str | Path, seed: int) 
     if mismatched:
         raise ValueError(f"the written checkpoint differs from model.* in {sorted(mismatched)}")
     return out
+
+
+def ensure_initial_checkpoint(model: ModelConfig, seed: int) -> Path:
+    """`model.hf_checkpoint`, first written by `write_random_checkpoint` (with `seed`) when it
+    holds no `config.json` yet and `model.random_init` names an architecture. Not collective:
+    one process calls it (the trainer's rank 0, or `launch/initial_model.py` before a fleet).
+
+    Raises:
+        ValueError: `model.hf_checkpoint` is unset.
+        FileNotFoundError: the checkpoint is missing and `model.random_init` is unset.
+    """
+    if model.hf_checkpoint is None:
+        raise ValueError("model.hf_checkpoint must name the HF checkpoint the policy starts from")
+    path = Path(model.hf_checkpoint)
+    if (path / "config.json").is_file():
+        return path
+    if model.random_init is None:
+        raise FileNotFoundError(
+            f"model.hf_checkpoint={path} has no config.json (set model.random_init to start "
+            "from a random policy)"
+        )
+    return write_random_checkpoint(model, path, seed)

@@ -1,9 +1,13 @@
 """Rank 0's account of one RL step: metrics from the batch, the queue and the optimizer steps,
-exported to Prometheus and shown as a progress bar plus one summary line per step."""
+exported to Prometheus, appended to the run's `metrics.jsonl`, and shown as a progress bar plus
+one summary line per step."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -61,22 +65,56 @@ def summarize_step(
         learning_rate=optimizer_steps[-1].lr,
         trained_tokens=trained_tokens,
         phase_seconds=dict(phase_seconds),
+        skipped_optimizer_steps=sum(not o.update_successful for o in optimizer_steps),
         moe_aux_loss=sum(aux) / len(aux) if aux else None,
         moe_expert_load=tuple((load / load.sum()).tolist()) if load is not None else (),
     )
 
 
-class StepReporter:
-    """Exports each step's metrics and prints a progress bar and a summary line per step."""
+def step_record(m: StepMetrics, stats: StepStats) -> dict[str, object]:
+    """One line of `metrics.jsonl`: every `StepMetrics` field plus the queue's group counts."""
+    return {
+        **dataclasses.asdict(m),
+        "kept_groups": stats.kept,
+        "generated_groups": stats.generated_groups,
+        "generation_rounds": stats.generation_rounds,
+    }
 
-    def __init__(self, config: RunConfig, exporter: TrainerMetricsExporter):
+
+class StepReporter:
+    """Exports each step's metrics, appends them to `log_path` (JSON lines, flushed per step so a
+    crash loses nothing) and prints a progress bar and a summary line per step.
+
+    A run that starts at `first_step` (resumed) first drops the log's records of steps
+    >= `first_step`: a crash after the last checkpoint left them, and they are redone.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        exporter: TrainerMetricsExporter,
+        log_path: Path,
+        first_step: int = 0,
+    ):
         self._config = config
         self._exporter = exporter
-        self._bar = tqdm(total=config.training.steps, desc="DAPO steps", unit="step")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [
+            line
+            for line in (log_path.read_text().splitlines() if log_path.is_file() else [])
+            if json.loads(line)["step"] < first_step
+        ]
+        log_path.write_text("".join(f"{line}\n" for line in kept))
+        self._log = log_path.open("a", encoding="utf-8")
+        self._bar = tqdm(
+            total=config.training.steps, initial=first_step, desc="DAPO steps", unit="step"
+        )
 
     def report(self, m: StepMetrics, stats: StepStats) -> None:
-        """Export one step's metrics (`summarize_step`) and print its summary line."""
+        """Export one step's metrics (`summarize_step`), log them and print the summary line."""
         self._exporter.record(m)
+        self._log.write(json.dumps(step_record(m, stats)) + "\n")
+        self._log.flush()
         kept = stats.kept
         self._bar.write(
             f"step {m.step + 1}/{self._config.training.steps} | reward {m.reward_mean:+.3f} "
@@ -88,8 +126,14 @@ class StepReporter:
             f"gen {m.generation_tokens_per_second:.0f} tok/s train "
             f"{m.training_tokens_per_second:.0f} tok/s | "
             f"{sum(m.phase_seconds.values()):.1f}s"
+            + (
+                f" | SKIPPED {m.skipped_optimizer_steps} optimizer step(s): non-finite"
+                if m.skipped_optimizer_steps
+                else ""
+            )
         )
         self._bar.update(1)
 
     def close(self) -> None:
         self._bar.close()
+        self._log.close()

@@ -15,20 +15,10 @@ from safetensors.torch import load_file
 
 from pipeline.sglang_server import free_port
 from tests.e2e.prometheus_server import PrometheusServer
+from tests.e2e.train_runs import processes_mentioning
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text.encode() in cmdline.read_bytes():
-                pids.append(int(cmdline.parent.name))
-        except OSError:
-            continue
-    return pids
 
 
 @pytest.mark.slow
@@ -58,6 +48,7 @@ def test_two_rank_training_run_with_a_real_fleet(tmp_path: Path) -> None:
         throughput = prometheus.wait_for(
             'last_over_time(dapo_tokens_per_second{run="e2e", phase="train"}[10m])'
         )
+        kept = prometheus.wait_for('last_over_time(dapo_queue_kept_groups_total{run="e2e"}[10m])')
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
 
@@ -71,6 +62,8 @@ def test_two_rank_training_run_with_a_real_fleet(tmp_path: Path) -> None:
     printed_entropies = {float(s[3]) for s in summaries}
     assert round(float(entropy[0]["value"][1]), 3) in printed_entropies
     assert float(throughput[0]["value"][1]) > 0
+    # The data plane's series carry the run label too: every step kept 4 groups (or more).
+    assert float(kept[0]["value"][1]) >= 4 * STEPS
 
     run_dir = tmp_path / "runs" / "demo-cpu"
     initial = load_file(run_dir / "initial-model" / "model.safetensors")
@@ -78,4 +71,4 @@ def test_two_rank_training_run_with_a_real_fleet(tmp_path: Path) -> None:
     assert initial.keys() == trained.keys()
     assert any(not initial[k].equal(trained[k]) for k in initial), "the policy did not change"
     assert (run_dir / "checkpoints" / f"step{STEPS}").is_dir()
-    assert _processes_mentioning(str(tmp_path)) == [], "servers outlived the run"
+    assert processes_mentioning(str(tmp_path)) == [], "servers outlived the run"

@@ -5,6 +5,11 @@ subclass of `CpuSRTPlatform` as an out-of-tree (OOT) platform through the
 `sglang.srt.platforms` entry point makes SGLang run its native torch models on CPU
 (`--device cpu --attention-backend torch_native`). The plugin declines (returns None) when
 CUDA is available, so GPU machines keep SGLang's CUDA platform.
+
+A general plugin (`sglang.srt.plugins`, loaded before the server arguments are checked) also
+declares `torch_native` attention usable with `--enable-deterministic-inference` on CPU: that
+backend attends each request separately, so its output does not depend on the batch, and the
+flag's per-request `sampling_seed` then makes sampling reproducible (exact resume needs it).
 """
 
 from __future__ import annotations
@@ -17,3 +22,56 @@ def activate() -> str | None:
     import torch
 
     return None if torch.cuda.is_available() else PLATFORM_CLASS
+
+
+def allow_deterministic_cpu_attention() -> None:
+    """SGLang general-plugin hook: on CPU, make `--enable-deterministic-inference` runnable.
+
+    Declares `torch_native` attention deterministic, skips SGLang's batch-invariant kernels
+    (Triton, CUDA only) and samples with `seeded_gumbel_max` instead of SGLang's seeded sampler
+    (its CPU hash needs a source-built `sgl_kernel`). On CPU the flag then means per-request
+    seeded sampling (`sampling_seed`), which is what reproducible rollouts need; logits may
+    still differ in the last bits between batch compositions.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang.srt.server_args import add_deterministic_attention_backend_choices
+
+    add_deterministic_attention_backend_choices(["torch_native"])
+    HookRegistry.register(
+        "sglang.srt.model_executor.model_runner.ModelRunner.maybe_enable_batch_invariant_mode",
+        _no_batch_invariant_kernels,
+        HookType.REPLACE,
+    )
+    HookRegistry.register(
+        "sglang.srt.layers.sampler.multinomial_with_seed", seeded_gumbel_max, HookType.REPLACE
+    )
+
+
+def _no_batch_invariant_kernels(*args: object, **kwargs: object) -> None:
+    """Replaces `ModelRunner.maybe_enable_batch_invariant_mode` on CPU (no Triton kernels)."""
+
+
+def seeded_gumbel_max(logprobs, seed, positions):
+    """One token per row drawn from `softmax(logprobs)`, reproducibly: Gumbel-max with noise
+    from a generator seeded by the row's (sampling seed, position).
+
+    Args:
+        logprobs: [n, vocab] log-probabilities (or unnormalised logits).
+        seed: [n] int64 sampling seeds.
+        positions: [n] token positions.
+    Returns:
+        [n, 1] int64 token ids.
+    """
+    import torch
+
+    rows = []
+    for row_seed, position in zip(seed.tolist(), positions.tolist(), strict=True):
+        generator = torch.Generator().manual_seed(hash((row_seed, position)) & (2**63 - 1))
+        uniform = torch.rand(logprobs.shape[1], generator=generator, dtype=torch.float64)
+        rows.append(-(-uniform.clamp(min=1e-300).log()).log())
+    gumbel = torch.stack(rows).to(logprobs.device)
+    return torch.argmax(logprobs.double() + gumbel, dim=1, keepdim=True)

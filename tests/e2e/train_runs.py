@@ -1,0 +1,71 @@
+"""`megatron-dapo train` as a subprocess of an end-to-end test: the command against a test's
+SGLang server (cluster mode), started in its own process group, awaited, and its step log."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "configs" / "demo-cpu.yaml"
+
+
+def train_command(
+    run_dir: Path, initial_model: Path, server_url: str, *overrides: str
+) -> list[str]:
+    """The demo on 2 ranks, generating with the server at `server_url`, run dir `run_dir`."""
+    return [
+        sys.executable,
+        "-m",
+        "megatron_dapo.cli",
+        "train",
+        str(DEMO),
+        f"checkpoint.dir={run_dir / 'checkpoints'}",
+        f"model.hf_checkpoint={initial_model}",
+        "rollout.mode=cluster",
+        f'rollout.server_urls=["{server_url}"]',
+        "metrics.prometheus=false",
+        *overrides,
+    ]
+
+
+def start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start `command` in a new session (its process group is killable as one), output to `log`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def finish(process: subprocess.Popen[bytes], log: Path, timeout_s: float = 600.0) -> None:
+    """Wait for `process` (its group is SIGKILLed after `timeout_s`); assert it succeeded."""
+    try:
+        process.wait(timeout=timeout_s)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 0, log.read_text()[-4000:]
+
+
+def step_records(run_dir: Path) -> list[dict]:
+    """The run's `metrics.jsonl`, one dict per logged step."""
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs of the processes whose command line contains `text`."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids
