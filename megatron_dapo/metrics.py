@@ -52,6 +52,8 @@ class StepMetrics:
     trained_tokens: int
     phase_seconds: Mapping[str, float] = field(default_factory=dict)
     """Wall time per phase of the step; keys from `STEP_PHASES`."""
+    skipped_optimizer_steps: int = 0
+    """Optimizer steps skipped for a non-finite loss or gradient (`training.on_nonfinite`)."""
     moe_aux_loss: float | None = None
     moe_expert_load: tuple[float, ...] = ()
     """Fraction of routed token slots per expert (summed over MoE layers), sums to 1."""
@@ -83,6 +85,12 @@ class TrainerMetricsExporter:
         self._lr = gauge("learning_rate", "Learning rate of the last optimizer step")
         self._moe_aux = gauge("moe_aux_loss", "MoE load-balancing auxiliary loss")
         self._expert_load = gauge("moe_expert_load_ratio", "Share of routed tokens", "expert")
+        self._skipped = Counter(
+            f"{PREFIX}_skipped_optimizer_steps",
+            "Optimizer steps skipped for a non-finite loss or gradient",
+            ("run",),
+            registry=registry,
+        )
         self._tokens = Counter(
             f"{PREFIX}_trained_tokens",
             "Tokens (prompt and response) through the policy in training",
@@ -124,3 +132,4 @@ class TrainerMetricsExporter:
         for expert, share in enumerate(m.moe_expert_load):
             self._expert_load.labels(run, str(expert)).set(share)
         self._tokens.labels(run).inc(m.trained_tokens)
+        self._skipped.labels(run).inc(m.skipped_optimizer_steps)

@@ -191,7 +191,9 @@ def _mask_inputs(
     if sequence_ids.dtype != torch.int64:
         raise ValueError(f"sequence_ids must be int64, got {sequence_ids.dtype}")
     mask = loss_mask.bool()
-    checked = {"log_probs": log_probs, "old_log_probs": old_log_probs, "advantages": advantages}
+    # The data must be finite; the model's own log-probs may not be (an overflow): they carry
+    # NaN into the loss, which the trainer skips or stops on (`training.on_nonfinite`).
+    checked = {"old_log_probs": old_log_probs, "advantages": advantages}
     non_finite = torch.stack([(mask & ~torch.isfinite(t.detach())).sum() for t in checked.values()])
     problems = [
         f"{name} has {count} non-finite value(s)"

@@ -30,6 +30,8 @@ is split. The MoE load-balancing loss keeps Megatron's meaning: its mean over mi
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -49,6 +51,8 @@ from megatron_dapo.model import build_model_chunks
 from megatron_dapo.policy_loss import get_policy_loss, policy_loss_config_at
 from megatron_dapo.policy_stats import clip_stats, masked_sum
 from pipeline.train_batch import TrainBatch
+
+logger = logging.getLogger(__name__)
 
 _STATS = ("loss", "clipped_low", "clipped_high", "dual_clipped", "tokens", "entropy", "kl")
 
@@ -246,9 +250,13 @@ class PolicyTrainer:
             micro_batch_size=1,
             forward_only=False,
         )
-        update_successful, grad_norm, _ = self.optimizer.step()
-        self.optimizer_steps += 1
         stats = self._reduce_stats(outputs)
+        if self._is_finite(stats["loss"]):
+            update_successful, grad_norm, _ = self.optimizer.step()
+        else:
+            update_successful, grad_norm = False, float("nan")
+            self._skip_nonfinite_step(stats["loss"])
+        self.optimizer_steps += 1
         return OptimizerStepMetrics(
             loss=stats["loss"],
             clip_fraction_low=stats["clipped_low"] / max(stats["tokens"], 1),
@@ -266,6 +274,28 @@ class PolicyTrainer:
             moe_aux_loss=self._take_aux_loss(plan.num_microbatches),
             expert_load=self._expert_load.take().tolist() if self._expert_load else None,
         )
+
+    def _is_finite(self, loss: float) -> bool:
+        """Whether the global loss and every rank's gradients are finite (collective)."""
+        grads = [
+            param.main_grad if hasattr(param, "main_grad") else param.grad
+            for chunk in self.chunks
+            for param in chunk.parameters()
+        ]
+        finite = torch.stack([torch.isfinite(g).all() for g in grads if g is not None]).all()
+        flag = torch.tensor([float(finite) if math.isfinite(loss) else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _skip_nonfinite_step(self, loss: float) -> None:
+        """Drop this step's gradients, or raise when `training.on_nonfinite` is `stop`."""
+        message = (
+            f"optimizer step {self.optimizer_steps + 1}: non-finite loss ({loss}) or gradients"
+        )
+        if self.config.training.on_nonfinite == "stop":
+            raise FloatingPointError(f"{message} (training.on_nonfinite=stop)")
+        logger.warning("%s: skipped, parameters unchanged (training.on_nonfinite=skip)", message)
+        self.optimizer.zero_grad()
 
     def _global_normalizers(self, micro_batches: list[MicroBatch]) -> LossNormalizers:
         local = count_loss_normalizers(

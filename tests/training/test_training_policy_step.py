@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from training_helpers import random_train_batch, tiny_run_config
@@ -151,3 +153,46 @@ def test_bf16_policy_with_fp32_main_params_lowers_the_loss_on_a_fixed_batch() ->
     batch = random_train_batch(0)
     losses = [trainer.step(batch).loss for _ in range(3)]
     assert losses[0] > losses[1] > losses[2]
+
+
+@contextlib.contextmanager
+def _overflowing_forward(trainer: PolicyTrainer):
+    """Within the block, the first transformer layer's output holds an inf (a transient
+    overflow, as in low precision): the loss and the gradients become non-finite."""
+    layer = trainer.chunks[0].module.decoder.layers[0]
+
+    def overflow(module, inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden.clone()
+        hidden.view(-1)[0] = float("inf")
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = layer.register_forward_hook(overflow)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def test_nonfinite_loss_skips_the_optimizer_step_and_leaves_parameters_unchanged() -> None:
+    trainer = PolicyTrainer(tiny_run_config())
+    batch = random_train_batch(2, (9, 7, 12, 5, 6, 11, 8, 10))
+    params = list(trainer.chunks[0].parameters())
+    before = [p.detach().clone() for p in params]
+    with _overflowing_forward(trainer):
+        (skipped,) = trainer.train(batch)
+    assert not skipped.update_successful
+    assert all(torch.equal(b, p) for b, p in zip(before, params, strict=True))
+    (taken,) = trainer.train(batch)  # the next finite step trains normally
+    assert taken.update_successful and torch.isfinite(torch.tensor(taken.grad_norm))
+    assert any(not torch.equal(b, p) for b, p in zip(before, params, strict=True))
+
+
+def test_nonfinite_loss_stops_the_run_when_configured() -> None:
+    trainer = PolicyTrainer(_with(tiny_run_config(), training={"on_nonfinite": "stop"}))
+    batch = random_train_batch(3, (9, 7, 12, 5, 6, 11, 8, 10))
+    with (
+        _overflowing_forward(trainer),
+        pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\).*on_nonfinite=stop"),
+    ):
+        trainer.train(batch)
