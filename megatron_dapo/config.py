@@ -184,6 +184,9 @@ class TrainingConfig(Section):
     log_prob_chunk_size: int = Field(4096, ge=1)
     """Tokens per chunk of the vocab-parallel log-prob/entropy computation (bounds memory)."""
     seed: int = 1234
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    """A non-finite loss or gradient: `skip` the optimizer step (logged and counted in
+    `dapo_skipped_optimizer_steps_total`) or `stop` the run with an error."""
 
 
 class MetricsConfig(Section):
@@ -227,6 +230,22 @@ class LaunchConfig(Section):
         return self.nnodes * self.nproc_per_node
 
 
+class TensorInspectConfig(Section):
+    """Optional nvdlfw-inspect tensor statistics of the policy's layers (off by default).
+
+    See `megatron_dapo.tensor_inspect` and `configs/tensor-inspect.yaml`. Relative paths resolve
+    against the working directory, like `checkpoint.dir`.
+    """
+
+    tensor_inspect_config: str | None = None
+    """nvdlfw-inspect YAML naming layers (module names from `named_modules()`) and statistics;
+    None = off (nvdlfw-inspect is not even imported)."""
+    log_dir: str = "tensor_inspect"
+    """nvdlfw-inspect writes `nvdlfw_inspect_statistics_logs/` and `nvdlfw_inspect_logs/` here."""
+    feature_dirs: tuple[str, ...] = ()
+    """Extra nvdlfw-inspect feature directories (its built-in features are always loaded)."""
+
+
 class RunConfig(Section):
     """Everything one run needs; the YAML files in `configs/` are instances of it."""
 
@@ -241,6 +260,7 @@ class RunConfig(Section):
     metrics: MetricsConfig = MetricsConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     launch: LaunchConfig = LaunchConfig()
+    debug: TensorInspectConfig = TensorInspectConfig()
 
     @property
     def data_parallel_size(self) -> int:
