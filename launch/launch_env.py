@@ -1,10 +1,11 @@
 """Print a run config's launch settings as shell assignments, for the scripts in `launch/`.
 
-    eval "$(python launch/launch_env.py configs/run.yaml)"
+    eval "$(python launch/launch_env.py configs/run.yaml [dotted.key=value ...])"
 
-Each setting is printed as `export DAPO_...=value` (shell-quoted) only when the variable is not
-already set in the environment, so an explicit environment variable always wins over the
-config. Printed settings (config key -> variable):
+The overrides are applied as `megatron-dapo train` applies them. Each setting is printed as
+`export DAPO_...=value` (shell-quoted) only when the variable is not already set in the
+environment, so an explicit environment variable always wins over the config. Printed settings
+(config key -> variable):
 
     launch.nnodes              DAPO_NNODES            trainer nodes
     launch.nproc_per_node      DAPO_NPROC_PER_NODE    trainer ranks per node
@@ -45,15 +46,24 @@ def launch_settings(config: RunConfig) -> dict[str, str]:
     }
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: launch_env.py CONFIG", file=sys.stderr)
-        return 2
+def config_from_argv(program: str, argv: list[str]) -> RunConfig:
+    """The run config of a launch helper's `CONFIG [dotted.key=value ...]` arguments.
+
+    Raises:
+        SystemExit: code 2, after the usage or the config's errors on stderr.
+    """
+    if not argv:
+        print(f"usage: {program} CONFIG [dotted.key=value ...]", file=sys.stderr)
+        raise SystemExit(2)
     try:
-        config = load_config(argv[0])
+        return load_config(argv[0], argv[1:])
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise SystemExit(2) from None
+
+
+def main(argv: list[str]) -> int:
+    config = config_from_argv("launch_env.py", argv)
     for name, value in launch_settings(config).items():
         if name not in os.environ:
             print(f"export {name}={shlex.quote(value)}")

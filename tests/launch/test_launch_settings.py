@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -16,10 +17,12 @@ TORCHRUN = REPO / "launch" / "torchrun.sh"
 ENV_SH = REPO / "launch" / "env.sh"
 
 
-def shell_settings(env: dict[str, str]) -> dict[str, str]:
-    """The DAPO_* variables a launcher sees after sourcing launch/env.sh with `env`."""
+def shell_settings(env: dict[str, str], *overrides: str) -> dict[str, str]:
+    """The DAPO_* variables a launcher sees after sourcing launch/env.sh with `env` and loading
+    the config with `overrides`."""
+    script = f'set -eu; source "{ENV_SH}"; dapo_load_config "$@"; env'
     done = subprocess.run(
-        ["bash", "-c", f'set -eu; source "{ENV_SH}"; env'],
+        ["bash", "-c", script, "bash", *overrides],
         env=env,
         capture_output=True,
         text=True,
@@ -63,3 +66,66 @@ def test_torchrun_without_a_command_says_what_to_set() -> None:
     )
     assert done.returncode == 1
     assert "set DAPO_CONFIG" in done.stderr
+
+
+def test_overrides_apply_to_the_launch_settings() -> None:
+    settings = shell_settings(
+        clean_env(DAPO_CONFIG=str(DEMO_CONFIG)),
+        "launch.rollout_nodes=3",
+        "model.hf_checkpoint=/models/policy",
+        "rollout.server_args=[--tp, '2']",
+    )
+
+    assert settings["DAPO_ROLLOUT_NODES"] == "3"
+    assert settings["DAPO_SGLANG_MODEL"] == "/models/policy"
+    assert settings["DAPO_SGLANG_ARGS"] == "--tp 2"
+
+
+def test_torchrun_command_takes_settings_from_config_overrides_and_environment(
+    tmp_path: Path,
+) -> None:
+    launch = load_config(DEMO_CONFIG).launch
+    env = clean_env(
+        DAPO_CONFIG=str(DEMO_CONFIG),
+        DAPO_DRY_RUN="1",
+        DAPO_NNODES="2",
+        DAPO_NODE_NAME="n7",
+        DAPO_LOG_DIR=str(tmp_path / "logs"),
+    )
+    done = subprocess.run(
+        ["bash", str(TORCHRUN), "launch.master_port=12345", "training.steps=3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+
+    assert shlex.split(done.stdout) == [
+        env["DAPO_PYTHON"],
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",  # the environment wins
+        "--nproc-per-node",
+        str(launch.nproc_per_node),  # the config
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"{launch.master_addr}:12345",  # the override
+        "--rdzv-id",
+        "megatron-dapo",
+        "--max-restarts",
+        "0",
+        "--log-dir",
+        f"{tmp_path / 'logs'}/ranks-n7",
+        "--tee",
+        "3",
+        "-m",
+        "megatron_dapo.cli",
+        "train",
+        str(DEMO_CONFIG),
+        "launch.master_port=12345",
+        "training.steps=3",
+    ]
+    assert not (tmp_path / "logs").exists()  # a dry run starts nothing

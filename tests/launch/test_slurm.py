@@ -1,7 +1,8 @@
 """launch/slurm/dapo.sbatch on a real one-node SLURM cluster (munged, slurmctld, slurmd).
 
 The training command is replaced (DAPO_TRAIN_CMD) by a 2-rank gloo all_reduce job, so the
-sbatch script, `srun`, launch/torchrun.sh and the c10d rendezvous run for real.
+sbatch script, `srun`, launch/torchrun.sh and the c10d rendezvous run for real (the real
+training runs under SLURM in test_slurm_two_nodes.py).
 """
 
 from __future__ import annotations
@@ -35,13 +36,16 @@ def test_sbatch_runs_the_training_command_on_two_ranks(
     env = launch_env(
         slurm_cluster.env(), tmp_path / "out", tmp_path / "logs", DAPO_CONFIG=str(DEMO_CONFIG)
     )
-    job = slurm_cluster.run_job([str(SUBMIT)], env, tmp_path / "job.out", cwd=REPO)
+    overrides = ["launch.slurm_time=00:20:00", "training.steps=7"]
+    job = slurm_cluster.run_job(
+        [str(SUBMIT), "--", *overrides], env, tmp_path / "job.out", cwd=REPO
+    )
 
     assert job.exit_code == 0, job.output
     assert job.info["JobState"] == "COMPLETED"
     assert job.info["ExitCode"] == "0:0"
     assert job.info["NodeList"] == NODE
-    assert job.info["TimeLimit"] == launch.slurm_time  # from the config, via submit.sh
+    assert job.info["TimeLimit"] == "00:20:00"  # the config with its overrides, via submit.sh
     assert f"trainer nodes {NODE}; rollout nodes none (embedded fleet)" in job.output
 
     ranks = read_ranks(tmp_path / "out")
@@ -50,7 +54,7 @@ def test_sbatch_runs_the_training_command_on_two_ranks(
         assert record["world_size"] == world
         assert record["all_reduce_sum"] == expected_sum(world)
         assert record["slurm_job_id"] == job.job_id
-        assert record["extra_args"] == []  # no rollout nodes: no cluster-mode overrides
+        assert record["extra_args"] == overrides  # no rollout nodes: no cluster-mode overrides
 
     node_log = (tmp_path / "logs" / f"trainer-{NODE}.log").read_text()
     assert f"node {NODE}: {launch.nnodes} node(s) x {launch.nproc_per_node} rank(s)" in (node_log)
