@@ -13,7 +13,10 @@ One step (`next_batch`) needs `num_groups` kept groups of G responses each:
    or all wrong. When the batch is full, groups whose responses are all in are still scored
    and, if kept, carried to the next step; groups still generating are cancelled (their
    requests aborted on the servers) and counted. More than `max_generation_rounds` rounds in
-   one step raise `GenerationRoundsExceeded`.
+   one step raise `GenerationRoundsExceeded`. A response whose reward call times out or whose
+   reward function raises is scored as wrong and counted (`StepStats`, `QueueMetrics`, a log
+   warning); when every response scored in a step failed so (checked after each round), the
+   reward function is broken and `RewardFunctionFailing` is raised.
 3. The batch is packed into a `TrainBatch`; advantages come from the injected
    `advantage_fn` ([num_groups, G] rewards -> [num_groups, G] advantages), so the data plane
    does not depend on the training plane.
@@ -26,11 +29,13 @@ the current batch; the samples then come from weights one version older, so asyn
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -50,9 +55,19 @@ AdvantageFn = Callable[[torch.Tensor], torch.Tensor]
 
 ABORT_FINISH_REASON = "abort"
 
+logger = logging.getLogger(__name__)
+
 
 class GenerationRoundsExceeded(RuntimeError):
     """A step needed more generation rounds than `max_generation_rounds`."""
+
+
+class RewardFunctionFailing(RuntimeError):
+    """The reward function failed (raised or timed out) on every response scored in a step."""
+
+
+_SEED_MASK = 2**63 - 1
+"""Sampling seeds are non-negative int64."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,8 @@ class ScoredGroup:
         correct: [G] correctness judged by the reward scorer.
         scores: [G] correctness rewards.
         rewards: [G] shaped rewards (scores plus the soft overlong punishment).
+        reward_timeouts: responses whose reward call timed out (scored as wrong).
+        reward_errors: responses whose reward function failed (scored as wrong).
     """
 
     prompt: Prompt
@@ -72,6 +89,8 @@ class ScoredGroup:
     correct: tuple[bool, ...]
     scores: tuple[float, ...]
     rewards: tuple[float, ...]
+    reward_timeouts: int = 0
+    reward_errors: int = 0
 
     @property
     def weight_version(self) -> int:
@@ -94,6 +113,12 @@ class StepStats:
     dropped_all_wrong: int = 0
     dropped_stale: int = 0
     aborted: int = 0
+    reward_timeouts: int = 0
+    """Responses whose reward call passed `reward.timeout_s` (scored as wrong)."""
+    reward_errors: int = 0
+    """Responses whose reward function raised or returned a wrong type (scored as wrong)."""
+    skipped_prompts: int = 0
+    """Prompts skipped as longer than `data.max_prompt_length`."""
     carried_in: int = 0
     carried_out: int = 0
     generation_seconds: float = 0.0
@@ -120,6 +145,9 @@ class StepStats:
             "dropped_all_correct",
             "dropped_all_wrong",
             "aborted",
+            "reward_timeouts",
+            "reward_errors",
+            "skipped_prompts",
             "generation_seconds",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
@@ -157,8 +185,11 @@ class DynamicSamplingQueue:
     _ready: deque[ScoredGroup] = field(default_factory=deque, init=False)
     _prefetch: asyncio.Task[StepStats] | None = field(default=None, init=False)
     _next_group_id: int = field(default=0, init=False)
+    _issued_groups: int = field(default=0, init=False)
+    """Groups ever sent for generation; a group's index seeds its responses (deterministic)."""
     _lifetime_generated: int = field(default=0, init=False)
     _lifetime_kept: int = field(default=0, init=False)
+    _last_reward_error: str | None = field(default=None, init=False)
     params: SamplingParams = field(init=False)
     """Sampling parameters of every request, from `rollout`."""
 
@@ -227,6 +258,7 @@ class DynamicSamplingQueue:
             "prompts": self.prompts.state_dict(),
             "carried": list(self._ready),
             "next_group_id": self._next_group_id,
+            "issued_groups": self._issued_groups,
             "lifetime_generated": self._lifetime_generated,
             "lifetime_kept": self._lifetime_kept,
         }
@@ -235,6 +267,7 @@ class DynamicSamplingQueue:
         self.prompts.load_state_dict(state["prompts"])
         self._ready = deque(state["carried"])
         self._next_group_id = state["next_group_id"]
+        self._issued_groups = state["issued_groups"]
         self._lifetime_generated = state["lifetime_generated"]
         self._lifetime_kept = state["lifetime_kept"]
 
@@ -259,7 +292,17 @@ class DynamicSamplingQueue:
                 stats.generation_rounds += 1
                 missing = target - len(self._ready)
                 count = math.ceil(missing * self._prompts_per_missing_group())
-                await self._round(self.prompts.next_prompts(count), target, stats)
+                skipped_before = self.prompts.num_skipped
+                prompts = self.prompts.next_prompts(count)
+                stats.skipped_prompts += self.prompts.num_skipped - skipped_before
+                await self._round(prompts, target, stats)
+                failed = stats.reward_errors + stats.reward_timeouts
+                if stats.generated_samples and failed == stats.generated_samples:
+                    raise RewardFunctionFailing(
+                        f"the reward function failed on all {failed} responses of this step "
+                        f"({stats.reward_timeouts} timed out after reward.timeout_s, "
+                        f"{stats.reward_errors} raised; last error: {self._last_reward_error})"
+                    )
         finally:
             stats.generation_seconds = time.monotonic() - begin
         return stats
@@ -277,7 +320,8 @@ class DynamicSamplingQueue:
             f"dynamic sampling could not fill {target} groups in "
             f"{self.sampling.max_generation_rounds} generation rounds: {len(self._ready)} kept, "
             f"{stats.dropped_all_correct} dropped as all correct, {stats.dropped_all_wrong} as "
-            f"all wrong. The prompts are too easy or too hard for the policy; raise "
+            f"all wrong ({stats.reward_timeouts} reward timeouts, {stats.reward_errors} reward "
+            f"errors). The prompts are too easy or too hard for the policy; raise "
             f"dynamic_sampling.max_generation_rounds or oversample_factor, or check the reward."
         )
 
@@ -285,10 +329,26 @@ class DynamicSamplingQueue:
         """Generate one group per prompt until `target` groups are ready.
 
         Then groups whose responses are all in are still scored (and carried over if kept);
-        groups still generating are cancelled, which aborts their requests.
+        groups still generating are cancelled, which aborts their requests. With
+        `rollout.deterministic` every group completes and is admitted in prompt order.
         """
         scoring: set[asyncio.Task[Any]] = set()
-        pending = {asyncio.create_task(self._group(p, scoring)) for p in prompts}
+        first = self._issued_groups
+        self._issued_groups += len(prompts)
+        tasks = [
+            asyncio.create_task(self._group(prompt, first + offset, scoring))
+            for offset, prompt in enumerate(prompts)
+        ]
+        if self.rollout.deterministic:
+            try:
+                groups = await asyncio.gather(*tasks)
+            except BaseException:
+                await _cancel(set(tasks))
+                raise
+            for group in groups:
+                self._admit(group, stats)
+            return
+        pending = set(tasks)
         try:
             while pending and len(self._ready) < target:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -303,15 +363,18 @@ class DynamicSamplingQueue:
         for task in pending - leftovers:
             self._admit(await task, stats)
 
-    async def _group(self, prompt: Prompt, scoring: set[asyncio.Task[Any]]) -> ScoredGroup | None:
-        """G responses to `prompt`, scored; None if a response was aborted.
+    async def _group(
+        self, prompt: Prompt, group_index: int, scoring: set[asyncio.Task[Any]]
+    ) -> ScoredGroup | None:
+        """G responses to `prompt` (the `group_index`-th group issued), scored; None if a
+        response was aborted.
 
         Adds its own task to `scoring` once every response is in.
         """
         generations = await asyncio.gather(
             *(
-                self.engine.generate(prompt.input_ids, self.params)
-                for _ in range(self.rollout.n_samples_per_prompt)
+                self.engine.generate(prompt.input_ids, self._sample_params(group_index, sample))
+                for sample in range(self.rollout.n_samples_per_prompt)
             )
         )
         if any(g.finish_reason == ABORT_FINISH_REASON for g in generations):
@@ -320,6 +383,21 @@ class DynamicSamplingQueue:
         assert task is not None
         scoring.add(task)
         return await self._score(prompt, generations)
+
+    def _sample_params(self, group_index: int, sample_index: int) -> SamplingParams:
+        """`params` with a sampling seed of the response's own: derived from
+        (`rollout.sampling_seed`, group, sample) in deterministic mode, random otherwise.
+
+        Every request carries a seed because a server started with
+        `--enable-deterministic-inference` seeds seedless requests alike (42): the G responses
+        of a group would all be the same. Servers without the flag ignore the seed.
+        """
+        if self.rollout.deterministic:
+            key = (self.rollout.sampling_seed, group_index, sample_index)
+            seed = hash(key) & _SEED_MASK
+        else:
+            seed = secrets.randbits(63)
+        return replace(self.params, sampling_seed=seed)
 
     async def _score(self, prompt: Prompt, generations: Sequence[Generation]) -> ScoredGroup:
         pairs = [(self.decode(g.output_ids), prompt.ground_truth) for g in generations]
@@ -331,13 +409,28 @@ class DynamicSamplingQueue:
             rewards = scores + soft_overlong_punishment(
                 lengths, self.rollout.max_response_length, self.overlong.cache_length
             )
-        return ScoredGroup(
+        group = ScoredGroup(
             prompt=prompt,
             generations=tuple(generations),
             correct=tuple(r.acc for r in results),
             scores=tuple(scores.tolist()),
             rewards=tuple(rewards.tolist()),
+            reward_timeouts=sum(r.timed_out for r in results),
+            reward_errors=sum(r.error is not None for r in results),
         )
+        if group.reward_timeouts or group.reward_errors:
+            errors = [r.error for r in results if r.error is not None]
+            self._last_reward_error = errors[0] if errors else self._last_reward_error
+            logger.warning(
+                "prompt row %d: of %d responses, %d reward calls timed out and %d failed%s; "
+                "scored as wrong",
+                prompt.row_index,
+                len(results),
+                group.reward_timeouts,
+                group.reward_errors,
+                f" (first: {errors[0]})" if errors else "",
+            )
+        return group
 
     def _admit(self, group: ScoredGroup | None, stats: StepStats) -> None:
         if group is None:
@@ -347,6 +440,8 @@ class DynamicSamplingQueue:
         stats.generated_samples += len(group.generations)
         stats.correct_samples += sum(group.correct)
         stats.generated_tokens += sum(len(g.output_ids) for g in group.generations)
+        stats.reward_timeouts += group.reward_timeouts
+        stats.reward_errors += group.reward_errors
         self._lifetime_generated += 1
         if self.sampling.enabled:
             verdict = filter_groups([group.correct])
@@ -370,6 +465,9 @@ class DynamicSamplingQueue:
             m.dropped_groups.labels(reason).inc(count)
         m.generation_rounds.observe(stats.generation_rounds)
         m.generated_samples.inc(stats.generated_samples)
+        m.skipped_prompts.inc(stats.skipped_prompts)
+        m.reward_timeouts.inc(stats.reward_timeouts)
+        m.reward_errors.inc(stats.reward_errors)
         m.queue_depth.set(len(self._ready))
         m.batch_version.set(policy_version)
         m.generation_tokens_per_s.set(stats.tokens_per_s)

@@ -6,11 +6,15 @@ until `/workers` lists them all, since it answers `/health` before workers regis
 stops every process by PID on exit: `with RolloutFleet(...)` covers normal exit, exceptions
 and Ctrl-C (KeyboardInterrupt), and an `atexit` hook covers an interpreter exiting without
 leaving the block. Cluster mode only records `server_urls` / `router_url` from the config.
+
+The fleet's `client` re-admits failed servers once they answer again; in embedded mode it also
+restarts a server whose process exited, on the same port (`rollout.max_server_restarts`).
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -22,16 +26,19 @@ import aiohttp
 
 from pipeline.config import RolloutConfig
 from pipeline.metrics import FleetMetrics
-from pipeline.rollout_client import RolloutClient
+from pipeline.rollout_client import RevivalPolicy, RolloutClient
 from pipeline.sglang_client import RetryPolicy, SGLangServerClient
 from pipeline.sglang_server import (
     CPU_SERVER_ARGS,
+    DETERMINISTIC_SERVER_FLAG,
     ManagedProcess,
     free_port,
     http_get,
     sglang_server_argv,
     start_router,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ class RolloutFleet:
         self.router_url: str | None = config.router_url
         self.processes: list[ManagedProcess] = []
         self.startup_s = 0.0
+        self._restarts: dict[str, int] = {}
 
     def start(self) -> None:
         """Embedded mode: spawn the servers (and router), wait for them; no-op in cluster mode.
@@ -106,6 +114,8 @@ class RolloutFleet:
         extra = self.config.server_args
         if options.cpu_defaults:
             extra = (*CPU_SERVER_ARGS, *extra)
+        if self.config.deterministic:
+            extra = (*extra, DETERMINISTIC_SERVER_FLAG)
         for index in range(self.config.num_servers):
             port = free_port()
             argv = sglang_server_argv(options.model_path, port, extra_args=extra)
@@ -123,9 +133,14 @@ class RolloutFleet:
         atexit.unregister(self.stop)
 
     def client(
-        self, session: aiohttp.ClientSession, metrics: FleetMetrics | None = None
+        self,
+        session: aiohttp.ClientSession,
+        metrics: FleetMetrics | None = None,
+        revival: RevivalPolicy | None = None,
     ) -> RolloutClient:
-        """A `RolloutClient` over this fleet, using the configured back-pressure and retries."""
+        """A `RolloutClient` over this fleet, using the configured back-pressure and retries;
+        failed servers are re-probed by `revival` (default: for `rollout.revival_timeout_s`)
+        and, in embedded mode, restarted if their process exited."""
         metrics = metrics if metrics is not None else FleetMetrics()
 
         def server(url: str) -> SGLangServerClient:
@@ -139,7 +154,39 @@ class RolloutFleet:
             )
 
         router = server(self.router_url) if self.router_url else None
-        return RolloutClient([server(u) for u in self.worker_urls], router, metrics)
+        if revival is None:
+            revival = RevivalPolicy(give_up_after_s=self.config.revival_timeout_s)
+        return RolloutClient(
+            [server(u) for u in self.worker_urls],
+            router,
+            metrics,
+            revival=revival,
+            on_worker_down=self.restart_if_exited,
+        )
+
+    def restart_if_exited(self, url: str) -> None:
+        """Embedded mode: restart the local server at `url` on its port if its process exited,
+        at most `rollout.max_server_restarts` times; no-op otherwise (a hung server is left to
+        the request timeouts and re-probing)."""
+        if self.config.mode != "embedded" or url not in self.worker_urls:
+            return
+        process = self.processes[self.worker_urls.index(url)]
+        if process.is_running():
+            return
+        restarts = self._restarts.get(url, 0)
+        if restarts >= self.config.max_server_restarts:
+            return
+        self._restarts[url] = restarts + 1
+        process.stop()  # reap it and whatever is left of its process group
+        process.start()
+        logger.warning(
+            "%s (%s) exited: restarted on its port (restart %d of at most %d); log %s",
+            process.name,
+            url,
+            restarts + 1,
+            self.config.max_server_restarts,
+            process.log_path,
+        )
 
     def __enter__(self) -> Self:
         self.start()

@@ -4,6 +4,13 @@ A row is a chat (a list of `{"role", "content"}` messages, or a plain string tak
 message) plus a reference answer. The file layout defaults to DAPO-Math-17k: messages under
 `prompt`, the answer under `reward_model.ground_truth` (a dotted path into nested columns).
 
+Malformed rows are errors, not skips: a line that is not JSON, a missing or null field, a
+prompt that is not a string or a list of `{"role": str, "content": str}` messages, an empty
+prompt, or an answer that is not a non-empty string or a number. `load_rows` reads the whole
+file and raises one `MalformedPromptData` naming the file, the line (jsonl; row index for
+parquet) and the field of each bad row (the first ten, and how many there are), so a data set
+is fixed once rather than silently thinned. Blank jsonl lines are ignored.
+
 `PromptSource` walks the rows in a deterministic order (a fresh permutation per epoch from
 `seed + epoch`, or file order without shuffling), renders each with the tokenizer's chat
 template, and skips prompts longer than `max_prompt_length` tokens, counting them and saying
@@ -12,8 +19,9 @@ so in the log. Its position (`state_dict`) resumes the exact sequence after a re
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -57,24 +65,114 @@ class Prompt:
     ground_truth: str
 
 
+MAX_REPORTED_ROWS = 10
+"""How many malformed rows a `MalformedPromptData` message lists."""
+
+
+class MalformedPromptData(ValueError):
+    """Rows of a prompt file that cannot be used; the message names file, line and field."""
+
+
+class _BadField(ValueError):
+    """One field of one row is missing or malformed (message: `field 'x': problem`)."""
+
+
 def _lookup(row: dict[str, Any], dotted: str) -> Any:
     value: Any = row
     for key in dotted.split("."):
-        if not isinstance(value, dict) or key not in value:
-            raise KeyError(f"prompt row has no {dotted!r} (missing {key!r}); keys: {list(row)}")
+        if not isinstance(value, dict) or value.get(key) is None:
+            raise _BadField(f"field {dotted!r}: missing (no {key!r}; row keys: {list(row)})")
         value = value[key]
     return value
 
 
-def _as_messages(value: Any) -> Messages:
+def _as_messages(value: Any, field: str) -> Messages:
+    """A prompt value (a string, or a list of role/content messages) as chat messages."""
     if isinstance(value, str):
-        return [{"role": "user", "content": value}]
-    return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+        messages = [{"role": "user", "content": value}]
+    elif isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value
+    ):
+        messages = [{"role": m["role"], "content": m["content"]} for m in value]
+    else:
+        raise _BadField(
+            f"field {field!r}: expected a string or a list of {{'role': str, 'content': str}} "
+            f"messages, got {str(value)[:80]!r}"
+        )
+    if not any(m["content"].strip() for m in messages):
+        raise _BadField(f"field {field!r}: empty prompt")
+    return messages
+
+
+def _as_answer(value: Any, field: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise _BadField(
+            f"field {field!r}: expected a string or a number, got {type(value).__name__}"
+        )
+    if not str(value).strip():
+        raise _BadField(f"field {field!r}: empty answer")
+    return str(value)
+
+
+def _parse_row(row: Any, prompt_key: str, answer_key: str) -> PromptRow:
+    if not isinstance(row, dict):
+        raise _BadField(f"the row is a {type(row).__name__}, not an object")
+    return PromptRow(
+        _as_messages(_lookup(row, prompt_key), prompt_key),
+        _as_answer(_lookup(row, answer_key), answer_key),
+    )
+
+
+def _file_records(config: DataConfig) -> Iterator[tuple[str, Any]]:
+    """(location, record) of every record of the file: a parquet row, or a jsonl line's text
+    (blank lines skipped)."""
+    assert config.path is not None
+    if config.source == "parquet":
+        import datasets
+
+        table = datasets.load_dataset("parquet", data_files=config.path, split="train")
+        for index, row in enumerate(table):
+            yield f"{config.path} row {index}", row
+        return
+    with open(config.path, encoding="utf-8-sig") as lines:  # tolerates a byte-order mark
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                yield f"{config.path}:{number}", line
+
+
+def _decode_json(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise _BadField(f"invalid JSON ({error.msg} at column {error.colno})") from error
+
+
+def _read_file(config: DataConfig) -> list[PromptRow]:
+    rows: list[PromptRow] = []
+    problems: list[str] = []
+    for where, record in _file_records(config):
+        try:
+            row = _decode_json(record) if config.source == "jsonl" else record
+            rows.append(_parse_row(row, config.prompt_key, config.answer_key))
+        except _BadField as error:
+            problems.append(f"{where}: {error}")
+    if problems:
+        listed = "\n  ".join(problems[:MAX_REPORTED_ROWS])
+        raise MalformedPromptData(
+            f"{len(problems)} malformed row(s) in {config.path} (data.prompt_key="
+            f"{config.prompt_key!r}, data.answer_key={config.answer_key!r}):\n  {listed}"
+        )
+    return rows
 
 
 def load_rows(config: DataConfig) -> list[PromptRow]:
-    """Read every row of the configured source (files through `datasets`, no network), keeping
-    those whose answer fits `max_answer_chars`."""
+    """Read every row of the configured source (no network), keeping those whose answer fits
+    `max_answer_chars`.
+
+    Raises:
+        MalformedPromptData: a file has malformed rows (see the module docstring).
+    """
     if config.source == "reasoning_gym":
         import reasoning_gym
 
@@ -82,19 +180,9 @@ def load_rows(config: DataConfig) -> list[PromptRow]:
         dataset = reasoning_gym.create_dataset(
             config.task, size=config.task_size, seed=config.seed, **config.task_options
         )
-        rows = [PromptRow(_as_messages(item["question"]), str(item["answer"])) for item in dataset]
+        rows = [_parse_row(item, "question", "answer") for item in dataset]
     else:
-        import datasets
-
-        table = datasets.load_dataset(
-            "json" if config.source == "jsonl" else "parquet", data_files=config.path, split="train"
-        )
-        rows = [
-            PromptRow(
-                _as_messages(_lookup(row, config.prompt_key)), str(_lookup(row, config.answer_key))
-            )
-            for row in table
-        ]
+        rows = _read_file(config)
     if config.max_answer_chars is not None:
         rows = [row for row in rows if len(row.ground_truth) <= config.max_answer_chars]
     return rows

@@ -5,7 +5,9 @@ log-probs, `/abort_request`, `/flush_cache`, `/health_generate`, and the weight-
 endpoints. It bounds the requests outstanding on its server (back-pressure), applies a
 per-request timeout, and retries timeouts and 5xx answers with exponential backoff. A
 connection failure on a server that no longer answers `/health` raises `ServerUnavailable`
-at once, so the fleet (`pipeline.rollout_client`) can re-issue the request elsewhere.
+at once, so the fleet (`pipeline.rollout_client`) can re-issue the request elsewhere. A 2xx
+answer that does not follow the `/generate` schema raises `MalformedResponse` naming the server
+and the problem, without retrying (such a server is broken or of another version, not busy).
 
 Schemas: `sglang/srt/managers/io_struct.py` (`GenerateReqInput`, `UpdateWeightFromDiskReqInput`,
 `InitWeightsUpdateGroupReqInput`, `UpdateWeightsFromDistributedReqInput`,
@@ -36,6 +38,11 @@ class ServerRequestError(RuntimeError):
     """The server answered with an error that retrying will not fix (4xx, `success: false`)."""
 
 
+class MalformedResponse(ServerRequestError):
+    """The server answered 2xx with a body that is not the `/generate` schema (not JSON, or
+    fields missing or of the wrong type)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """SGLang sampling parameters of one request (lengths in tokens)."""
@@ -46,6 +53,8 @@ class SamplingParams:
     top_k: int = -1
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    sampling_seed: int | None = None
+    """Seeds this request's sampling (servers started with `--enable-deterministic-inference`)."""
 
     def to_json(self) -> dict[str, Any]:
         params: dict[str, Any] = {
@@ -57,6 +66,8 @@ class SamplingParams:
         }
         if self.stop_token_ids:
             params["stop_token_ids"] = list(self.stop_token_ids)
+        if self.sampling_seed is not None:
+            params["sampling_seed"] = self.sampling_seed
         return params
 
 
@@ -84,19 +95,40 @@ class Generation:
     weight_version: int = -1
 
     @classmethod
-    def from_response(cls, body: dict[str, Any], server_url: str) -> Generation:
-        meta = body["meta_info"]
-        logprobs = meta["output_token_logprobs"]
-        output_ids = tuple(int(t) for t in body["output_ids"])
-        if [int(entry[1]) for entry in logprobs] != list(output_ids):
-            raise ServerRequestError(f"{server_url}: log-prob token ids differ from output_ids")
-        return cls(
-            output_ids=output_ids,
-            output_logprobs=tuple(float(entry[0]) for entry in logprobs),
-            finish_reason=str(meta["finish_reason"]["type"]),
-            server_weight_version=str(meta.get("weight_version", "default")),
-            server_url=server_url,
-        )
+    def from_response(cls, body: Any, server_url: str) -> Generation:
+        """Parse a `/generate` answer (decoded JSON, or the raw text if it was not JSON).
+
+        Raises:
+            MalformedResponse: `body` does not follow the schema; the message names the server,
+                the problem and the start of the body.
+        """
+
+        def malformed(problem: str) -> MalformedResponse:
+            return MalformedResponse(
+                f"{server_url}/generate answered with {problem}: {str(body)[:200]!r}"
+            )
+
+        if not isinstance(body, dict):
+            raise malformed(f"a {type(body).__name__}, not a JSON object")
+        try:
+            meta = body["meta_info"]
+            logprobs = meta["output_token_logprobs"]
+            output_ids = tuple(int(t) for t in body["output_ids"])
+            token_ids = [int(entry[1]) for entry in logprobs]
+            generation = cls(
+                output_ids=output_ids,
+                output_logprobs=tuple(float(entry[0]) for entry in logprobs),
+                finish_reason=str(meta["finish_reason"]["type"]),
+                server_weight_version=str(meta.get("weight_version", "default")),
+                server_url=server_url,
+            )
+        except KeyError as error:
+            raise malformed(f"no field {error}") from error
+        except (TypeError, ValueError, IndexError) as error:
+            raise malformed(f"a field of the wrong type ({error})") from error
+        if token_ids != list(output_ids):
+            raise malformed("log-prob token ids that differ from output_ids")
+        return generation
 
 
 @dataclass(frozen=True)
@@ -137,7 +169,8 @@ class SGLangServerClient:
         self.url = self.url.rstrip("/")
         self._slots = asyncio.Semaphore(self.max_inflight)
 
-    async def _is_alive(self) -> bool:
+    async def is_alive(self) -> bool:
+        """True if GET `/health` answers 200 within 5 s."""
         try:
             timeout = aiohttp.ClientTimeout(total=5.0)
             async with self.session.get(f"{self.url}/health", timeout=timeout) as response:
@@ -163,7 +196,7 @@ class SGLangServerClient:
                         return _decode(text)
                     failure = f"HTTP {response.status}: {text[:200]}"
             except aiohttp.ClientConnectionError as error:
-                if not await self._is_alive():
+                if not await self.is_alive():
                     raise ServerUnavailable(f"{self.url} is unreachable: {error!r}") from error
                 failure = repr(error)
             except TimeoutError:

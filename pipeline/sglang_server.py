@@ -20,6 +20,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pipeline.parent_death import exit_with_parent
+
 CPU_SERVER_ARGS = (
     "--device",
     "cpu",
@@ -33,6 +35,9 @@ CPU_SERVER_ARGS = (
     "16",
 )
 """Flags for SGLang on CPU: bounded KV-cache reservation (else ~15 GB) and no idle spinning."""
+
+DETERMINISTIC_SERVER_FLAG = "--enable-deterministic-inference"
+"""Makes SGLang honour each request's `sampling_seed` (on CPU: launch/sglang_cpu_platform)."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -61,7 +66,8 @@ def sglang_server_argv(
 
 
 def sglang_router_argv(worker_urls: Sequence[str], port: int, host: str = "127.0.0.1") -> list[str]:
-    """The command line of an `sglang-router` balancing over `worker_urls`."""
+    """The command line of an `sglang-router` balancing over `worker_urls`; its Prometheus
+    exporter binds a free port on `host` (its default, 0.0.0.0:29000, clashes between routers)."""
     return [
         sys.executable,
         "-m",
@@ -70,6 +76,10 @@ def sglang_router_argv(worker_urls: Sequence[str], port: int, host: str = "127.0
         host,
         "--port",
         str(port),
+        "--prometheus-host",
+        host,
+        "--prometheus-port",
+        str(free_port(host)),
         "--policy",
         "round_robin",
         "--worker-urls",
@@ -105,7 +115,8 @@ class ManagedProcess:
         return self._popen.pid if self._popen else None
 
     def start(self) -> None:
-        """Spawn the process (new session, so it and its children share one process group)."""
+        """Spawn the process (new session, so it and its children share one process group;
+        SIGKILLed if this thread exits, see `pipeline.parent_death`)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self._popen = subprocess.Popen(
@@ -115,6 +126,7 @@ class ManagedProcess:
                 stdin=subprocess.DEVNULL,
                 env=self._env,
                 start_new_session=True,
+                preexec_fn=exit_with_parent,
             )
 
     def is_running(self) -> bool:

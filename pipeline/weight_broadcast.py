@@ -65,7 +65,8 @@ class WeightBroadcaster:
         return dist.ProcessGroupGloo(prefixed, 0, world_size, self.timeout)
 
     async def connect(self) -> None:
-        """Form the group with every live worker (ranks 1..W)."""
+        """Form the group with every live worker (ranks 1..W); failed workers are no longer
+        re-admitted, since they cannot join the group later."""
         workers = self.client.live_workers
         world_size = 1 + len(workers)
         group, *_ = await asyncio.gather(
@@ -84,6 +85,7 @@ class WeightBroadcaster:
         )
         self._group = group
         self._num_workers = len(workers)
+        self.client.stop_revivals("a server outside the broadcast group cannot receive weights")
 
     def _broadcast(self, tensors: Sequence[torch.Tensor]) -> None:
         assert self._group is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,12 +24,15 @@ class RewardResult:
         acc: whether the answer was judged equivalent to the reference.
         extracted: the answer the scorer extracted from the response, None if none was found.
         timed_out: True if scoring was abandoned at its deadline (then score is -1).
+        error: what the reward function raised (or wrongly returned), None if it succeeded
+            (then score is -1).
     """
 
     score: float
     acc: bool
     extracted: str | None
     timed_out: bool = False
+    error: str | None = None
 
     @classmethod
     def from_correctness(cls, acc: bool, extracted: str | None) -> RewardResult:
@@ -39,6 +43,25 @@ class RewardResult:
     def timeout(cls) -> RewardResult:
         """The result of a call abandoned at its deadline: scored as wrong."""
         return cls(score=INCORRECT_SCORE, acc=False, extracted=None, timed_out=True)
+
+    @classmethod
+    def failed(cls, error: str) -> RewardResult:
+        """The result of a call whose reward function failed: scored as wrong."""
+        return cls(score=INCORRECT_SCORE, acc=False, extracted=None, error=error)
+
+    @classmethod
+    def checked(cls, value: object) -> RewardResult:
+        """`value` if a reward function returned a `RewardResult`, else a failed result."""
+        if isinstance(value, RewardResult):
+            return value
+        return cls.failed(f"the reward function returned {type(value).__name__}, not RewardResult")
+
+
+def describe_exception(error: BaseException) -> str:
+    """`"Type: message (at file:line)"`, the line being where `error` was raised."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(error).__name__}: {error}{where}"
 
 
 RewardFn = Callable[[str, str], RewardResult]
@@ -75,10 +98,15 @@ class RewardScorer(ABC):
 
 
 class FunctionScorer(RewardScorer):
-    """Adapts a pure, fast :data:`RewardFn` to the scorer interface (runs in-process)."""
+    """Adapts a pure, fast :data:`RewardFn` to the scorer interface (runs in-process, with no
+    deadline). An exception raised by the function gives :meth:`RewardResult.failed`."""
 
     def __init__(self, fn: RewardFn) -> None:
         self._fn = fn
 
     def score(self, response: str, ground_truth: str) -> RewardResult:
-        return self._fn(response, ground_truth)
+        try:
+            value = self._fn(response, ground_truth)
+        except Exception as error:
+            return RewardResult.failed(describe_exception(error))
+        return RewardResult.checked(value)

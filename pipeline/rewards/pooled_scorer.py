@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pipeline.rewards.base import RewardResult, RewardScorer
-from pipeline.rewards.process_pool import DeadlineProcessPool
+from pipeline.rewards.process_pool import CallOutcome, DeadlineProcessPool
 
 DEFAULT_TIMEOUT_S = 10.0
 """Default hard per-call limit, seconds (``reward.timeout_s`` in the run config)."""
@@ -17,8 +17,10 @@ class ProcessPoolScorer(RewardScorer):
     Each call runs in a worker's main thread (so ``signal.alarm``-based timeouts inside the
     function work). A call still running after ``timeout_s`` (e.g. stuck in C code) gets
     :meth:`RewardResult.timeout` (score -1, ``timed_out=True``): the workers are killed and
-    reaped and a fresh pool serves the next calls. Exceptions raised by the function propagate.
-    Call :meth:`close` or use the scorer as a context manager.
+    reaped and a fresh pool serves the next calls. A call whose function raises (or returns
+    something else than a ``RewardResult``) gets :meth:`RewardResult.failed` (score -1, with
+    ``error``); a function path that does not import, or a worker that dies, raises. Call
+    :meth:`close` or use the scorer as a context manager.
     """
 
     def __init__(
@@ -37,11 +39,16 @@ class ProcessPoolScorer(RewardScorer):
 
     def score_batch(self, pairs: Sequence[tuple[str, str]]) -> list[RewardResult]:
         """Score (response, ground_truth) pairs in parallel; results in input order."""
-        return [
-            RewardResult.timeout() if outcome.timed_out else outcome.value
-            for outcome in self._pool.map(pairs)
-        ]
+        return [_as_result(outcome) for outcome in self._pool.map(pairs)]
 
     def close(self) -> None:
         """Stop and reap the worker processes; idempotent."""
         self._pool.close()
+
+
+def _as_result(outcome: CallOutcome) -> RewardResult:
+    if outcome.timed_out:
+        return RewardResult.timeout()
+    if outcome.error is not None:
+        return RewardResult.failed(outcome.error)
+    return RewardResult.checked(outcome.value)

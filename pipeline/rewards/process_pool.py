@@ -16,6 +16,7 @@ As with any spawn-based pool, a script using it must guard its entry point with
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import multiprocessing
 import time
 from collections import deque
@@ -25,6 +26,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, cast
+
+from pipeline.rewards.base import describe_exception
 
 
 def _split_callable_path(path: str) -> tuple[str, str]:
@@ -50,17 +53,26 @@ def _resolve_callable(path: str) -> Callable[..., Any]:
     return fn
 
 
-def _invoke(path: str, args: tuple[Any, ...]) -> Any:
-    """Worker-side task: call the function named by ``path`` with ``args``."""
-    return _resolve_callable(path)(*args)
-
-
 @dataclass(frozen=True)
 class CallOutcome:
-    """Result of one call: its return value, or ``timed_out=True`` (value None)."""
+    """Result of one call: its return value, ``timed_out=True``, or what it raised (``error``,
+    see :func:`describe_exception`); value None unless the call returned."""
 
     value: Any = None
     timed_out: bool = False
+    error: str | None = None
+
+
+def _invoke(path: str, args: tuple[Any, ...]) -> CallOutcome:
+    """Worker-side task: call the function named by ``path`` with ``args``.
+
+    What the function raises is returned as the outcome; failing to import it raises.
+    """
+    fn = _resolve_callable(path)
+    try:
+        return CallOutcome(value=fn(*args))
+    except Exception as error:
+        return CallOutcome(error=describe_exception(error))
 
 
 class DeadlineProcessPool:
@@ -69,12 +81,13 @@ class DeadlineProcessPool:
     A call's deadline runs from its submission; at most ``num_workers`` calls are in flight, so
     a call never waits in the queue behind others. Right after the pool (re)starts, the
     deadline also covers worker start-up (spawn + importing ``fn``'s module, typically 0.2-2 s),
-    so choose ``timeout_s`` well above it. A ``fn_path`` that does not import raises in the
-    first call (ImportError / AttributeError).
+    so choose ``timeout_s`` well above it. A ``fn_path`` whose module does not exist raises at
+    construction; one that fails to import or names no function raises in the first call
+    (ImportError / AttributeError / TypeError).
 
-    Exceptions raised by ``fn`` propagate to the caller (the batch's other calls are abandoned).
-    If a worker dies, ``BrokenProcessPool`` propagates. In both cases the pool is restarted when
-    needed before the error propagates, so it stays usable.
+    An exception raised by ``fn`` is that call's outcome (``CallOutcome.error``); the batch's
+    other calls go on. If a worker dies, ``BrokenProcessPool`` propagates (the batch's other
+    calls are abandoned) after the pool is restarted, so it stays usable.
     """
 
     def __init__(self, fn_path: str, num_workers: int, timeout_s: float) -> None:
@@ -87,12 +100,15 @@ class DeadlineProcessPool:
 
         Raises:
             ValueError: on a malformed ``fn_path``, or ``num_workers`` / ``timeout_s`` not > 0.
+            ModuleNotFoundError: ``fn_path``'s module (or a parent package) does not exist.
         """
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got num_workers={num_workers}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got timeout_s={timeout_s}")
-        _split_callable_path(fn_path)
+        module_name, _ = _split_callable_path(fn_path)
+        if importlib.util.find_spec(module_name) is None:
+            raise ModuleNotFoundError(f"no module {module_name!r} (callable path {fn_path!r})")
         self._fn_path = fn_path
         self._num_workers = num_workers
         self._timeout_s = timeout_s
@@ -144,7 +160,7 @@ class DeadlineProcessPool:
                 )
                 for future in done:
                     index, _ = running.pop(future)
-                    outcomes[index] = CallOutcome(value=future.result())
+                    outcomes[index] = future.result()
                 now = time.monotonic()
                 expired = [
                     f for f, (_, deadline) in running.items() if deadline <= now and not f.done()

@@ -58,6 +58,15 @@ def test_every_panel_queries_an_exported_metric() -> None:
         assert names <= exported, f"{query!r} names series not exported: {names - exported}"
 
 
+def test_every_panel_series_is_selected_by_run() -> None:
+    """Trainer, queue and fleet series all carry `run`; every panel filters on the variable."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    for expr in (t["expr"] for panel in panels for t in panel.get("targets", [])):
+        for match in METRIC_NAME.finditer(expr):
+            if match.group(1) not in PROMQL_WORDS:
+                assert expr[match.end() :].startswith('{run=~"$run"'), f"{expr!r} ignores $run"
+
+
 def test_panel_ids_are_unique() -> None:
     panels = json.loads(DASHBOARD.read_text())["panels"]
     assert len({p["id"] for p in panels}) == len(panels)

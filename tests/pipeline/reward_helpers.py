@@ -14,6 +14,8 @@ CRASH = "<crash>"
 """Response that makes :func:`scripted_reward` kill its worker process."""
 RAISE = "<raise>"
 """Response that makes :func:`scripted_reward` raise ValueError."""
+NOT_A_RESULT = "<float>"
+"""Response that makes :func:`scripted_reward` return a float instead of a RewardResult."""
 PID = "<pid>"
 """Response that makes :func:`scripted_reward` report its worker's pid as ``extracted``."""
 
@@ -27,6 +29,8 @@ def scripted_reward(response: str, ground_truth: str) -> RewardResult:
         os._exit(1)
     if response == RAISE:
         raise ValueError("scripted failure")
+    if response == NOT_A_RESULT:
+        return 1.0  # type: ignore[return-value]
     if response == PID:
         return RewardResult.from_correctness(False, str(os.getpid()))
     return RewardResult.from_correctness(response == ground_truth, response)

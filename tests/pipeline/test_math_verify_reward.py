@@ -3,6 +3,7 @@
 import importlib
 import multiprocessing
 import os
+import re
 import time
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
@@ -108,14 +109,18 @@ def test_timeout_in_batch_spares_other_calls(zombies_before: set[int]) -> None:
     assert _zombie_children() <= zombies_before
 
 
-def test_worker_errors_propagate_and_pool_recovers(zombies_before: set[int]) -> None:
-    other_workers = _live_children()
+def test_worker_errors_are_results_and_a_dead_worker_raises(zombies_before: set[int]) -> None:
+    pairs = [(helpers.HANG, "x"), (helpers.RAISE, "x"), ("ok", "ok"), (helpers.NOT_A_RESULT, "")]
     with MathVerifyScorer(num_workers=2, timeout_s=TIMEOUT_S, fn_path=SCRIPTED) as scorer:
-        with pytest.raises(ValueError, match="scripted failure"):
-            scorer.score_batch([(helpers.HANG, "x"), (helpers.RAISE, "x")])
-        # The hung call was killed with its pool (the fresh pool spawns workers on demand).
-        assert _live_children() <= other_workers
-        assert scorer.score_batch([("ok", "ok")] * 2)[1].acc
+        hung, raised, ok, wrong_type = scorer.score_batch(pairs)
+        assert hung.timed_out and hung.error is None
+        assert raised.error is not None and not raised.timed_out
+        assert re.fullmatch(
+            r"ValueError: scripted failure \(at .*reward_helpers\.py:\d+\)", raised.error
+        )
+        assert (raised.score, raised.acc) == (-1.0, False)
+        assert ok.acc and ok.error is None
+        assert wrong_type.error == "the reward function returned float, not RewardResult"
         worker_pid = int(scorer.score(helpers.PID, "").extracted)
         with pytest.raises(BrokenProcessPool):
             scorer.score(helpers.CRASH, "x")
@@ -144,10 +149,15 @@ def test_invalid_arguments() -> None:
         MathVerifyScorer(timeout_s=0)
 
 
+@pytest.mark.parametrize("fn_path", ["pipeline.rewards.no_such_module:f", "no_such_package.m:f"])
+def test_a_missing_function_module_raises_at_construction(fn_path: str) -> None:
+    with pytest.raises(ModuleNotFoundError, match="no_such"):
+        get_reward_scorer(fn_path)
+
+
 @pytest.mark.parametrize(
     ("fn_path", "error"),
     [
-        ("pipeline.rewards.no_such_module:f", ModuleNotFoundError),
         ("pipeline.rewards.dapo_math:no_such_function", AttributeError),
         ("pipeline.rewards.math_verify_reward:MATH_VERIFY_FN_PATH", TypeError),
     ],

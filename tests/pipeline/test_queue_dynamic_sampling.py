@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
+import logging
 import pickle
 from collections import Counter
 from collections.abc import Sequence
@@ -17,10 +19,20 @@ import torch
 
 from megatron_dapo.advantages import AdvantageConfig, grpo_advantages
 from pipeline.config import DynamicSamplingConfig, OverlongConfig, RolloutConfig
-from pipeline.dynamic_sampling import DynamicSamplingQueue, GenerationRoundsExceeded
+from pipeline.dynamic_sampling import (
+    DynamicSamplingQueue,
+    GenerationRoundsExceeded,
+    RewardFunctionFailing,
+)
+from pipeline.metrics import QueueMetrics
 from pipeline.prompts import PromptRow, PromptSource
-from pipeline.rewards.base import FunctionScorer, RewardResult
+from pipeline.rewards import ProcessPoolScorer
+from pipeline.rewards.base import FunctionScorer, RewardResult, RewardScorer
 from pipeline.sglang_client import Generation, SamplingParams
+
+# Import path of the sibling helper module, whether or not tests/ is a package.
+HELPERS_MODULE = f"{__name__.rpartition('.')[0]}.reward_helpers".lstrip(".")
+helpers = importlib.import_module(HELPERS_MODULE)
 
 G = 4
 MIXED = ("yes", "no", "no", "no")
@@ -30,13 +42,14 @@ LOGPROB = -0.5
 
 
 class RowTokenizer:
-    """Prompt row r -> the single token r."""
+    """A prompt of space-separated integers -> those tokens (row r's prompt is `r`, or `r`
+    repeated for an over-long prompt)."""
 
     def apply_chat_template(self, conversation, **kwargs) -> list[int]:
-        return [int(conversation[0]["content"])]
+        return self.encode(conversation[0]["content"])
 
     def encode(self, text: str, **kwargs) -> list[int]:
-        return [int(text)]
+        return [int(token) for token in text.split()]
 
 
 class ScriptedEngine:
@@ -72,6 +85,11 @@ class ScriptedEngine:
         )
 
 
+def queue_sample(queue: DynamicSamplingQueue, name: str, **labels: str) -> float | None:
+    """A sample of the queue's metrics for its run."""
+    return queue.metrics.registry.get_sample_value(name, {"run": "test-run", **labels})
+
+
 def yes_reward(response: str, ground_truth: str) -> RewardResult:
     return RewardResult.from_correctness(response.startswith("yes"), response[:3])
 
@@ -87,12 +105,22 @@ def make_queue(
     overlong: OverlongConfig | None = None,
     max_response_length: int = 64,
     adapt: bool = False,
+    scorer: RewardScorer | None = None,
+    overlong_rows: Sequence[int] = (),
+    deterministic: bool = False,
 ) -> DynamicSamplingQueue:
-    rows = [PromptRow([{"role": "user", "content": str(r)}], "yes") for r in range(100)]
+    """A queue over rows 0..99 (answer "yes"); rows in `overlong_rows` have 11 > 10 tokens."""
+    rows = [
+        PromptRow(
+            [{"role": "user", "content": " ".join([str(r)] * (11 if r in overlong_rows else 1))}],
+            "yes",
+        )
+        for r in range(100)
+    ]
     return DynamicSamplingQueue(
         prompts=PromptSource(rows, RowTokenizer(), max_prompt_length=10, shuffle=False),
         engine=engine,
-        scorer=FunctionScorer(yes_reward),
+        scorer=scorer or FunctionScorer(yes_reward),
         decode=lambda ids: "".join(map(chr, ids)),
         advantage_fn=functools.partial(grpo_advantages, config=AdvantageConfig()),
         num_groups=num_groups,
@@ -100,6 +128,7 @@ def make_queue(
             n_samples_per_prompt=G,
             max_response_length=max_response_length,
             max_staleness=max_staleness,
+            deterministic=deterministic,
         ),
         sampling=DynamicSamplingConfig(
             enabled=enabled,
@@ -109,6 +138,7 @@ def make_queue(
         ),
         overlong=overlong or OverlongConfig(soft_punishment=False),
         async_mode=async_mode,
+        metrics=QueueMetrics(run="test-run"),
     )
 
 
@@ -134,11 +164,10 @@ def test_groups_with_zero_or_full_accuracy_are_dropped_and_rounds_counted():
     assert torch.all(batch.old_log_probs[batch.loss_mask] == LOGPROB)
     assert torch.all(batch.old_log_probs[~batch.loss_mask] == 0.0)
 
-    sample = queue.metrics.registry.get_sample_value
-    assert sample("dapo_queue_dropped_groups_total", {"reason": "all_wrong"}) == 1
-    assert sample("dapo_queue_dropped_groups_total", {"reason": "all_correct"}) == 1
-    assert sample("dapo_queue_kept_groups_total") == 2
-    assert sample("dapo_queue_generation_rounds_sum") == 2
+    assert queue_sample(queue, "dapo_queue_dropped_groups_total", reason="all_wrong") == 1
+    assert queue_sample(queue, "dapo_queue_dropped_groups_total", reason="all_correct") == 1
+    assert queue_sample(queue, "dapo_queue_kept_groups_total") == 2
+    assert queue_sample(queue, "dapo_queue_generation_rounds_sum") == 2
 
 
 def test_soft_overlong_punishment_and_overlong_filter():
@@ -248,4 +277,80 @@ def test_async_mode_overlaps_generation_with_training_within_staleness():
     assert overlapped == s1.generated_samples + 2 * G
     assert batch2.weight_versions.tolist() == [0] * (2 * G)
     assert (s2.generation_rounds, s2.dropped_stale) == (1, 0)
-    assert queue.metrics.registry.get_sample_value("dapo_queue_staleness_sum") == 2 * G
+    assert queue_sample(queue, "dapo_queue_staleness_sum") == 2 * G
+
+
+def test_overlong_prompts_are_skipped_and_counted_per_step():
+    queue = make_queue(ScriptedEngine({}), overlong_rows=(1, 3))
+    batch, first = asyncio.run(queue.next_batch(0))
+    assert sorted({m["row_index"] for m in batch.metadata}) == [0, 2]
+    _, second = asyncio.run(queue.next_batch(1))
+    assert (first.skipped_prompts, second.skipped_prompts) == (1, 1)
+    assert queue_sample(queue, "dapo_queue_skipped_prompts_total") == 2
+
+
+@pytest.mark.slow
+def test_reward_timeouts_and_errors_are_counted_and_scored_as_wrong(caplog):
+    hang, fail, wrong_type = helpers.HANG, helpers.RAISE, helpers.NOT_A_RESULT
+    engine = ScriptedEngine({0: ("yes", hang, fail, wrong_type)})
+    scripted = f"{HELPERS_MODULE}:scripted_reward"
+    with ProcessPoolScorer(scripted, num_workers=2, timeout_s=2.0) as scorer:
+        queue = make_queue(engine, scorer=scorer)
+        with caplog.at_level(logging.WARNING, logger="pipeline.dynamic_sampling"):
+            batch, stats = asyncio.run(queue.next_batch(0))
+    assert (stats.reward_timeouts, stats.reward_errors, stats.kept) == (1, 2, 2)
+    assert batch.rewards[:G].tolist() == [1.0, -1.0, -1.0, -1.0]
+    assert queue_sample(queue, "dapo_reward_timeouts_total") == 1
+    assert queue_sample(queue, "dapo_reward_errors_total") == 2
+    assert "prompt row 0: of 4 responses, 1 reward calls timed out and 2 failed" in caplog.text
+    assert "ValueError: scripted failure" in caplog.text
+
+
+def test_a_reward_function_failing_on_every_response_stops_the_step():
+    def broken_reward(response: str, ground_truth: str) -> RewardResult:
+        return {"score": 1.0}[response]  # KeyError: a reward written for another format
+
+    engine = ScriptedEngine({})
+    queue = make_queue(engine, scorer=FunctionScorer(broken_reward))
+    message = r"all 8 responses of this step \(0 timed out after reward.timeout_s, 8 raised; "
+    with pytest.raises(RewardFunctionFailing, match=message + r"last error: KeyError: 'yes'"):
+        asyncio.run(queue.next_batch(0))
+    assert sum(engine.calls.values()) == 2 * G, "stopped after the first round"
+
+
+class SeedRecorder(ScriptedEngine):
+    """Records the sampling seed of every request by (row, call index of that row)."""
+
+    def __init__(self, script: dict[int, Sequence[str]]) -> None:
+        super().__init__(script)
+        self.seeds: dict[tuple[int, int], int] = {}
+
+    async def generate(self, input_ids: Sequence[int], params: SamplingParams) -> Generation:
+        self.seeds[(input_ids[0], self.calls[input_ids[0]])] = params.sampling_seed
+        return await super().generate(input_ids, params)
+
+
+def _seeds_of_two_batches(deterministic: bool, resume: bool = False) -> dict:
+    engine = SeedRecorder({1: RIGHT, 3: WRONG})
+    queue = make_queue(engine, num_groups=3, deterministic=deterministic)
+    asyncio.run(queue.next_batch(0))
+    if resume:  # a restarted queue, loaded from the first one's state
+        state = pickle.loads(pickle.dumps(queue.state_dict()))
+        queue = make_queue(engine, num_groups=3, deterministic=deterministic)
+        queue.load_state_dict(state)
+    asyncio.run(queue.next_batch(0))
+    return engine.seeds
+
+
+def test_every_response_gets_its_own_sampling_seed() -> None:
+    for deterministic in (False, True):
+        seeds = _seeds_of_two_batches(deterministic)
+        assert len(set(seeds.values())) == len(seeds) > 2 * 3 * G
+        assert all(0 <= seed < 2**63 for seed in seeds.values())
+
+
+def test_deterministic_seeds_repeat_across_runs_and_resumes() -> None:
+    reference = _seeds_of_two_batches(deterministic=True)
+    assert _seeds_of_two_batches(deterministic=True) == reference
+    assert _seeds_of_two_batches(deterministic=True, resume=True) == reference
+    assert _seeds_of_two_batches(deterministic=False) != _seeds_of_two_batches(deterministic=False)

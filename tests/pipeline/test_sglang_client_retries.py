@@ -86,7 +86,10 @@ def test_server_errors_are_retried_with_backoff_then_succeed():
     assert script.calls == 3
     assert elapsed >= 0.1 + 0.2, "backoff doubles: 0.1 s then 0.2 s"
     assert (
-        metrics.registry.get_sample_value("dapo_fleet_retries_total", {"server": client.url}) == 2
+        metrics.registry.get_sample_value(
+            "dapo_fleet_retries_total", {"run": "default", "server": client.url}
+        )
+        == 2
     )
 
 
