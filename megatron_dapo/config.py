@@ -233,8 +233,8 @@ class LaunchConfig(Section):
 class TensorInspectConfig(Section):
     """Optional nvdlfw-inspect tensor statistics of the policy's layers (off by default).
 
-    See `megatron_dapo.tensor_inspect` and `configs/tensor-inspect.yaml`. Relative paths resolve
-    against the working directory, like `checkpoint.dir`.
+    See `megatron_dapo.tensor_inspect` and `configs/debug/tensor-inspect.yaml`. Relative paths
+    resolve against the working directory, like `checkpoint.dir`.
     """
 
     tensor_inspect_config: str | None = None

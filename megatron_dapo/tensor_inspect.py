@@ -8,7 +8,7 @@
 Transformer Engine calls nvdlfw-inspect from inside its own layers; Megatron-Core's local layers
 (`transformer_impl: local`, the CPU path) do not, so this module drives nvdlfw-inspect from
 PyTorch hooks instead. The YAML file is nvdlfw-inspect's own format (see
-`configs/tensor-inspect.yaml`); its `layers:` selectors are matched against module names from
+`configs/debug/tensor-inspect.yaml`); its `layers:` selectors are matched against module names from
 `named_modules()` of each unwrapped model chunk, e.g. `decoder.layers.0.mlp.linear_fc1` or
 `decoder.layers.1.mlp.experts.local_experts.3.linear_fc2`. Layer indices are local to the
 pipeline stage and expert indices to the expert-parallel rank; with several chunks per rank

@@ -204,7 +204,7 @@ def test_hooks_only_read_and_close_removes_them(tmp_path, trainer):
 @pytest.mark.slow
 def test_example_config_selects_every_linear_layer(trainer, tmp_path):
     config = TensorInspectConfig(
-        tensor_inspect_config=str(REPO / "configs/tensor-inspect.yaml"), log_dir=str(tmp_path)
+        tensor_inspect_config=str(REPO / "configs/debug/tensor-inspect.yaml"), log_dir=str(tmp_path)
     )
     inspector = install_tensor_inspection(config, trainer.chunks)
     inspector.close()
