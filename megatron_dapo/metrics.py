@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 PREFIX = "dapo"
 STEP_PHASES = ("generate", "reward", "train", "weight_sync")
+OVERLAPPING = ("reward",)
+"""Phases that run during another phase (reward calls, during generation)."""
 
 
 @dataclass(frozen=True)
@@ -51,12 +53,18 @@ class StepMetrics:
     learning_rate: float
     trained_tokens: int
     phase_seconds: Mapping[str, float] = field(default_factory=dict)
-    """Wall time per phase of the step; keys from `STEP_PHASES`."""
+    """Wall time per phase of the step; keys from `STEP_PHASES`. `reward` is the time of the
+    reward calls, which run while other groups generate (it overlaps `generate`)."""
     skipped_optimizer_steps: int = 0
     """Optimizer steps skipped for a non-finite loss or gradient (`training.on_nonfinite`)."""
     moe_aux_loss: float | None = None
     moe_expert_load: tuple[float, ...] = ()
     """Fraction of routed token slots per expert (summed over MoE layers), sums to 1."""
+
+    @property
+    def step_seconds(self) -> float:
+        """Wall time of the step: its sequential phases (`reward` overlaps `generate`)."""
+        return sum(s for phase, s in self.phase_seconds.items() if phase not in OVERLAPPING)
 
 
 class TrainerMetricsExporter:

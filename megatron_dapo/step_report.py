@@ -64,7 +64,7 @@ def summarize_step(
         grad_norm=optimizer_steps[-1].grad_norm,
         learning_rate=optimizer_steps[-1].lr,
         trained_tokens=trained_tokens,
-        phase_seconds=dict(phase_seconds),
+        phase_seconds={**phase_seconds, "reward": stats.reward_seconds},
         skipped_optimizer_steps=sum(not o.update_successful for o in optimizer_steps),
         moe_aux_loss=sum(aux) / len(aux) if aux else None,
         moe_expert_load=tuple((load / load.sum()).tolist()) if load is not None else (),
@@ -116,6 +116,16 @@ class StepReporter:
         self._log.write(json.dumps(step_record(m, stats)) + "\n")
         self._log.flush()
         kept = stats.kept
+        problems = [
+            f"{count} {what}"
+            for count, what in (
+                (m.skipped_optimizer_steps, "optimizer step(s) SKIPPED as non-finite"),
+                (stats.reward_timeouts, "reward timeout(s)"),
+                (stats.reward_errors, "reward error(s)"),
+                (stats.skipped_prompts, "over-long prompt(s) skipped"),
+            )
+            if count
+        ]
         self._bar.write(
             f"step {m.step + 1}/{self._config.training.steps} | reward {m.reward_mean:+.3f} "
             f"acc {m.accuracy:.3f} | entropy {m.entropy:.3f} | clip lo/hi "
@@ -124,13 +134,8 @@ class StepReporter:
             f"trunc {m.truncated_ratio:.2f}) | kept {kept}/"
             f"{stats.generated_groups} groups in {stats.generation_rounds} rounds | "
             f"gen {m.generation_tokens_per_second:.0f} tok/s train "
-            f"{m.training_tokens_per_second:.0f} tok/s | "
-            f"{sum(m.phase_seconds.values()):.1f}s"
-            + (
-                f" | SKIPPED {m.skipped_optimizer_steps} optimizer step(s): non-finite"
-                if m.skipped_optimizer_steps
-                else ""
-            )
+            f"{m.training_tokens_per_second:.0f} tok/s | {m.step_seconds:.1f}s"
+            + "".join(f" | {problem}" for problem in problems)
         )
         self._bar.update(1)
 

@@ -186,6 +186,8 @@ class DataPlane:
         try:
             if hasattr(self, "queue"):
                 self._run(self.queue.close())
+            if hasattr(self, "client"):
+                self._run(self.client.close())  # cancels re-probes of failed servers
             if getattr(self, "broadcaster", None) is not None:
                 self._run(self.broadcaster.close())
             if hasattr(self, "_session"):

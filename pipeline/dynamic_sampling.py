@@ -91,6 +91,8 @@ class ScoredGroup:
     rewards: tuple[float, ...]
     reward_timeouts: int = 0
     reward_errors: int = 0
+    scoring_seconds: float = 0.0
+    """Wall time of the group's reward calls."""
 
     @property
     def weight_version(self) -> int:
@@ -123,6 +125,8 @@ class StepStats:
     carried_out: int = 0
     generation_seconds: float = 0.0
     """Wall time spent in generation rounds."""
+    reward_seconds: float = 0.0
+    """Wall time of the reward calls, summed over groups (they run while others generate)."""
 
     @property
     def accuracy(self) -> float:
@@ -149,6 +153,7 @@ class StepStats:
             "reward_errors",
             "skipped_prompts",
             "generation_seconds",
+            "reward_seconds",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
@@ -401,7 +406,9 @@ class DynamicSamplingQueue:
 
     async def _score(self, prompt: Prompt, generations: Sequence[Generation]) -> ScoredGroup:
         pairs = [(self.decode(g.output_ids), prompt.ground_truth) for g in generations]
+        begin = time.monotonic()
         results = await asyncio.to_thread(self.scorer.score_batch, pairs)
+        scoring_seconds = time.monotonic() - begin
         scores = torch.tensor([r.score for r in results], dtype=torch.float32)
         rewards = scores
         if self.overlong.soft_punishment:
@@ -417,6 +424,7 @@ class DynamicSamplingQueue:
             rewards=tuple(rewards.tolist()),
             reward_timeouts=sum(r.timed_out for r in results),
             reward_errors=sum(r.error is not None for r in results),
+            scoring_seconds=scoring_seconds,
         )
         if group.reward_timeouts or group.reward_errors:
             errors = [r.error for r in results if r.error is not None]
@@ -442,6 +450,7 @@ class DynamicSamplingQueue:
         stats.generated_tokens += sum(len(g.output_ids) for g in group.generations)
         stats.reward_timeouts += group.reward_timeouts
         stats.reward_errors += group.reward_errors
+        stats.reward_seconds += group.scoring_seconds
         self._lifetime_generated += 1
         if self.sampling.enabled:
             verdict = filter_groups([group.correct])

@@ -49,7 +49,7 @@ def _batch() -> TrainBatch:
 
 def test_summary_weights_token_means_and_reads_the_queue() -> None:
     stats = StepStats(generated_samples=8, correct_samples=2, generated_tokens=40)
-    stats.generation_seconds = 4.0
+    stats.generation_seconds, stats.reward_seconds = 4.0, 1.5
     steps = [_optimizer_step(30, 2.0, 0.1, 0.4), _optimizer_step(10, 1.0, 0.5, 0.2)]
     m = summarize_step(5, _batch(), stats, steps, {"generate": 4.0, "train": 2.0})
     assert m.step == 5
@@ -62,3 +62,5 @@ def test_summary_weights_token_means_and_reads_the_queue() -> None:
     assert m.generation_tokens_per_second == pytest.approx(10.0)
     assert m.training_tokens_per_second == pytest.approx(7 / 2.0)
     assert m.moe_expert_load == pytest.approx((10 / 16, 6 / 16))  # summed over layers and steps
+    assert m.phase_seconds == {"generate": 4.0, "train": 2.0, "reward": 1.5}
+    assert m.step_seconds == 6.0  # reward calls overlap generation
