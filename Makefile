@@ -22,7 +22,7 @@ APT_PACKAGES ?= slurm-wlm munge shellcheck prometheus
 PYTEST_ARGS ?=
 DEMO_CONFIG ?= configs/demo-cpu.yaml
 
-.PHONY: help env system-deps project demo test test-fast pins clean-env
+.PHONY: help env system-deps project demo test test-fast pins clean-env trl-env
 
 help:
 	@echo "make demo       run the main job on the embedded CPU default ($(DEMO_CONFIG))"
@@ -44,6 +44,23 @@ $(VENV)/.complete:
 	@touch $@
 
 env: $(VENV)/.complete
+
+# TRL's own environment for benchmarks/trl_grpo.py (not part of the project; does not change
+# CORE_HASH): TRL on the core environment's torch/transformers/datasets pins.
+TRL_HASH := $(shell cat requirements/trl.txt requirements/pins.txt | sha256sum | cut -c1-12)
+TRL_VENV ?= $(ENV_ROOT)/venv-trl-$(TRL_HASH)
+
+$(TRL_VENV)/.complete:
+	@echo "[setup] creating $(TRL_VENV)"
+	@rm -rf $(TRL_VENV)
+	@mkdir -p $(ENV_ROOT)
+	$(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/python -m pip install --quiet -c requirements/pins.txt pip setuptools wheel
+	$(TRL_VENV)/bin/python -m pip install --quiet -c requirements/pins.txt -r requirements/trl.txt
+	@touch $@
+
+trl-env: $(TRL_VENV)/.complete
+	@echo "TRL environment: $(TRL_VENV)"
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

@@ -3,13 +3,17 @@ target accuracy, window means, the comparison table and reading a run directory.
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
 from benchmarks.learning import (
+    Run,
     load_run,
     markdown_table,
+    step_seconds,
     steps_to_target,
+    target_rows,
     trailing_mean,
     window_mean,
 )
@@ -73,3 +77,31 @@ def test_load_run_derives_generated_samples_from_groups(tmp_path):
     assert run.series("generated_samples") == [144.0, 7.0]
     assert run.series("accuracy") == [0.1, 0.2]
     assert (run.seed, run.wall_seconds, run.run_dir) == (3, 12.5, tmp_path)
+
+
+def _run(seed, accuracy, samples, seconds):
+    records = tuple(
+        {"accuracy": a, "generated_samples": n, "phase_seconds": {"generate": s, "train": 1.0}}
+        for a, n, s in zip(accuracy, samples, seconds, strict=True)
+    )
+    return Run("X", seed, Path("."), records, wall_seconds=0.0)
+
+
+def test_target_rows_average_the_seeds_up_to_the_step_of_the_mean_curve():
+    # Seed-mean accuracy: 0.05, 0.1, 0.15 -> a 2-step mean reaches 0.1 at step 3 (0.125), not
+    # at step 2 (0.075), although seed 2 alone would reach it at step 2.
+    runs = [
+        _run(1, [0.0, 0.0, 0.1], samples=[10, 20, 30], seconds=[1.0, 2.0, 3.0]),
+        _run(2, [0.1, 0.2, 0.2], samples=[40, 40, 40], seconds=[0.0, 0.0, 9.0]),
+    ]
+    rows = target_rows(runs, target=0.1, window=2)
+    assert rows["steps to target"] == 3
+    assert rows["samples to target"] == (60 + 120) / 2
+    assert rows["step time to target (s)"] == ((6.0 + 3.0) + (9.0 + 3.0)) / 2
+    unreached = target_rows(runs, target=0.5, window=2)
+    assert set(unreached.values()) == {None} and set(unreached) == set(rows)
+
+
+def test_step_seconds_leaves_out_the_overlapping_reward_phase():
+    record = {"phase_seconds": {"generate": 2.0, "reward": 1.5, "train": 3.0, "weight_sync": 0.5}}
+    assert step_seconds(record) == 5.5
