@@ -68,9 +68,10 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
 # This checkout (and its SGLang CPU platform plugin), installed editable without deps into the
-# environment; redone when the environment points at another checkout.
+# environment; redone when the environment points at another checkout (checked with -P, so the
+# current directory does not shadow what is installed).
 project: env
-	@where() { $(VPY) -c "import $$1, os; print(os.path.dirname(os.path.dirname(os.path.abspath($$1.__file__))))" 2>/dev/null; }; \
+	@where() { $(VPY) -P -c "import $$1, os; print(os.path.dirname(os.path.dirname(os.path.abspath($$1.__file__))))" 2>/dev/null; }; \
 	if [ "$$(where megatron_dapo)" != "$(CURDIR)" ] \
 	   || [ "$$(where sglang_cpu_platform)" != "$(CURDIR)/launch/sglang_cpu_platform" ] \
 	   || [ ! -x $(VENV)/bin/megatron-dapo ]; then \
