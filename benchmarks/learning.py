@@ -138,12 +138,10 @@ def mean_curve(runs: Sequence[Run], key: str) -> list[float]:
 
 
 def step_seconds(record: Mapping[str, object]) -> float:
-    """Wall time of one step: the sum of its sequential phases (as `StepMetrics.step_seconds`:
-    `reward` overlaps `generate`)."""
-    from megatron_dapo.metrics import OVERLAPPING
+    """Wall time of one `metrics.jsonl` record (as `StepMetrics.step_seconds`)."""
+    from megatron_dapo.metrics import step_wall_seconds
 
-    phases: Mapping[str, float] = record["phase_seconds"]  # type: ignore[assignment]
-    return math.fsum(s for phase, s in phases.items() if phase not in OVERLAPPING)
+    return step_wall_seconds(record["phase_seconds"])  # type: ignore[arg-type]
 
 
 def target_rows(runs: Sequence[Run], target: float, window: int) -> dict[str, float | None]:

@@ -11,6 +11,7 @@ and fleet series (`pipeline.metrics`) into the same registry when both run in on
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -20,6 +21,11 @@ PREFIX = "dapo"
 STEP_PHASES = ("generate", "reward", "train", "weight_sync")
 OVERLAPPING = ("reward",)
 """Phases that run during another phase (reward calls, during generation)."""
+
+
+def step_wall_seconds(phase_seconds: Mapping[str, float]) -> float:
+    """Wall time of a step from its phase times: the sequential phases, `OVERLAPPING` left out."""
+    return math.fsum(s for phase, s in phase_seconds.items() if phase not in OVERLAPPING)
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,7 @@ class StepMetrics:
     @property
     def step_seconds(self) -> float:
         """Wall time of the step: its sequential phases (`reward` overlaps `generate`)."""
-        return sum(s for phase, s in self.phase_seconds.items() if phase not in OVERLAPPING)
+        return step_wall_seconds(self.phase_seconds)
 
 
 class TrainerMetricsExporter:
