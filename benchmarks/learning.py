@@ -18,7 +18,7 @@ Each seed sets both `training.seed` (initial weights, sampling) and `data.seed` 
 so the two variants of one seed start from the same policy and see prompts in the same order.
 Runs are interleaved (seed 1 DAPO, seed 1 GRPO, seed 2 DAPO, ...) so that both variants share
 the machine's load conditions; every run's directory keeps its `metrics.jsonl` (one line per
-step, see `megatron_dapo.step_report.step_record`), its log and `wall.json`.
+step, see `megatron_dapo.report.step_report.step_record`), its log and `wall.json`.
 
 Reported per variant (values averaged over seeds; steps to target also per seed):
 
@@ -139,7 +139,7 @@ def mean_curve(runs: Sequence[Run], key: str) -> list[float]:
 
 def step_seconds(record: Mapping[str, object]) -> float:
     """Wall time of one `metrics.jsonl` record (as `StepMetrics.step_seconds`)."""
-    from megatron_dapo.metrics import step_wall_seconds
+    from megatron_dapo.report.prometheus import step_wall_seconds
 
     return step_wall_seconds(record["phase_seconds"])  # type: ignore[arg-type]
 
@@ -271,7 +271,7 @@ def megatron_dapo_command(run_dir: Path, name: str, seed: int, steps: int) -> li
 
 
 def samples_per_group() -> int:
-    from megatron_dapo.yaml_config import load_config
+    from megatron_dapo.config.loading import load_config
 
     return load_config(DEMO_CONFIG).rollout.n_samples_per_prompt
 

@@ -5,7 +5,7 @@ Both variants start from the last hidden states `[T, H]` and the output weight `
 
 * naive: `logits = hidden @ weight.T`, `log_softmax`, gather, entropy from the full `[T, V]`
   softmax (what a policy step does without vocab-parallel care);
-* fused: `megatron_dapo.logprobs.fused_linear_log_probs_and_entropy` (chunks of tokens, the
+* fused: `megatron_dapo.mcore.logprobs.fused_linear_log_probs_and_entropy` (chunks of tokens, the
   logits recomputed per chunk in backward, never `[T, V]`).
 
 Each (variant, shape) runs in a fresh subprocess, so the peak resident set (`ru_maxrss`) is
@@ -64,7 +64,7 @@ def _naive(hidden, weight, targets, a, b, chunk_size):
 
 
 def _fused(hidden, weight, targets, a, b, chunk_size):
-    from megatron_dapo.logprobs import fused_linear_log_probs_and_entropy
+    from megatron_dapo.mcore.logprobs import fused_linear_log_probs_and_entropy
 
     logp, entropy = fused_linear_log_probs_and_entropy(
         hidden, weight, targets, chunk_size=chunk_size
@@ -75,7 +75,7 @@ def _fused(hidden, weight, targets, a, b, chunk_size):
 def run_worker(variant: str, shape: Shape, chunk_size: int, repeats: int) -> dict:
     """One variant in this process: returns best time (s) and peak memory above inputs (MiB)."""
     if variant == "fused":  # imports Megatron-Core: before the baseline, not inside the peak
-        importlib.import_module("megatron_dapo.logprobs")
+        importlib.import_module("megatron_dapo.mcore.logprobs")
     step = _fused if variant == "fused" else _naive
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(shape.tokens, shape.hidden, generator=g).requires_grad_()

@@ -70,7 +70,7 @@ def write_prompts(model_dir: Path, seed: int, count: int, path: Path) -> None:
     lines `{"prompt": [messages], "answer": str}` (the chat template is applied by TRL)."""
     from transformers import AutoTokenizer
 
-    from megatron_dapo.yaml_config import load_config
+    from megatron_dapo.config.loading import load_config
     from pipeline.prompts import PromptSource
 
     config = load_config(DEMO_CONFIG, [f"data.seed={seed}"])
@@ -83,7 +83,7 @@ def write_prompts(model_dir: Path, seed: int, count: int, path: Path) -> None:
 
 def run_trl(megatron_run: Path, seed: int, steps: int, out: Path, reuse: bool) -> Run:
     """TRL's GRPOTrainer from the initial weights of the megatron-dapo run in `megatron_run`."""
-    from megatron_dapo.yaml_config import load_config
+    from megatron_dapo.config.loading import load_config
 
     run_dir = out / f"trl-seed{seed}-steps{steps}"
     if not (reuse and (run_dir / "wall.json").is_file()):

@@ -16,7 +16,7 @@ import sys
 
 from launch_env import config_from_argv
 
-from megatron_dapo.initial_checkpoint import ensure_initial_checkpoint
+from megatron_dapo.hf.initial_checkpoint import ensure_initial_checkpoint
 
 
 def main(argv: list[str]) -> int:

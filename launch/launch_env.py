@@ -25,8 +25,8 @@ import os
 import shlex
 import sys
 
-from megatron_dapo.config import RunConfig
-from megatron_dapo.yaml_config import ConfigError, load_config
+from megatron_dapo.config.loading import ConfigError, load_config
+from megatron_dapo.config.schema import RunConfig
 
 
 def launch_settings(config: RunConfig) -> dict[str, str]:

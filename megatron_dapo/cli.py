@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import yaml
 
-from megatron_dapo.config import RunConfig
-from megatron_dapo.yaml_config import ConfigError, load_config
+from megatron_dapo.config.loading import ConfigError, load_config
+from megatron_dapo.config.schema import RunConfig
 
 
 def _check_config(config: RunConfig, args: argparse.Namespace) -> int:

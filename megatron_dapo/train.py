@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from megatron_dapo.config import RunConfig
+from megatron_dapo.config.schema import RunConfig
 from pipeline.parent_death import exit_with_parent
 
 T = TypeVar("T")
@@ -116,7 +116,7 @@ class DataPlane:
         import aiohttp
         from transformers import AutoTokenizer
 
-        from megatron_dapo.advantages import AdvantageConfig, get_advantage_estimator
+        from pipeline.advantages import AdvantageConfig, get_advantage_estimator
         from pipeline.dynamic_sampling import DynamicSamplingQueue
         from pipeline.metrics import FleetMetrics, QueueMetrics
         from pipeline.prompts import PromptSource
@@ -211,7 +211,7 @@ def _broadcast_from_rank0(value: T | None) -> T:
 
 def _prepare_initial_checkpoint(config: RunConfig) -> Path:
     """The HF checkpoint the run starts from, written first by rank 0 if `random_init` says so."""
-    from megatron_dapo.initial_checkpoint import ensure_initial_checkpoint
+    from megatron_dapo.hf.initial_checkpoint import ensure_initial_checkpoint
 
     if not dist.is_initialized() or dist.get_rank() == 0:
         ensure_initial_checkpoint(config.model, config.training.seed)
@@ -225,7 +225,7 @@ def _resume(config: RunConfig, trainer: Any) -> Any:
 
     Collective: rank 0 picks the directory, every rank loads its shards and RNG states.
     """
-    from megatron_dapo.run_checkpoint import latest_checkpoint, load_run_checkpoint
+    from megatron_dapo.ckpt.run_checkpoint import latest_checkpoint, load_run_checkpoint
 
     mode = config.checkpoint.resume
     latest = None
@@ -260,14 +260,14 @@ def run(config: RunConfig) -> None:
     from megatron.core.utils import unwrap_model
     from prometheus_client import CollectorRegistry
 
-    from megatron_dapo.cpu_patches import apply_cpu_patches
-    from megatron_dapo.hf_convert import export_hf_checkpoint, gather_hf_weights
-    from megatron_dapo.metrics import TrainerMetricsExporter
-    from megatron_dapo.parallel import DistributedEnv, destroy_parallel, initialize_parallel
-    from megatron_dapo.policy_step import PolicyTrainer
-    from megatron_dapo.run_checkpoint import has_checkpoint, save_run_checkpoint
-    from megatron_dapo.step_report import StepReporter, summarize_step
-    from megatron_dapo.tensor_inspect import install_tensor_inspection
+    from megatron_dapo.ckpt.run_checkpoint import has_checkpoint, save_run_checkpoint
+    from megatron_dapo.hf.convert import export_hf_checkpoint, gather_hf_weights
+    from megatron_dapo.mcore.cpu_patches import apply_cpu_patches
+    from megatron_dapo.mcore.parallel import DistributedEnv, destroy_parallel, initialize_parallel
+    from megatron_dapo.mcore.policy_step import PolicyTrainer
+    from megatron_dapo.mcore.tensor_inspect import install_tensor_inspection
+    from megatron_dapo.report.prometheus import TrainerMetricsExporter
+    from megatron_dapo.report.step_report import StepReporter, summarize_step
 
     # Megatron-Core warns about every optional GPU library it does not find (Apex, TE, ...) and
     # torch about deprecated collectives Megatron calls; neither is actionable in a run log.

@@ -1,7 +1,7 @@
 """Configuration sections owned by the data plane: rollout fleet, prompt data, rewards and
 dynamic sampling.
 
-Each section is a frozen pydantic model that rejects unknown keys; `megatron_dapo.config`
+Each section is a frozen pydantic model that rejects unknown keys; `megatron_dapo.config.schema`
 composes them into the run configuration. Lengths are in tokens, times in seconds.
 """
 

@@ -5,8 +5,8 @@ given), never in prometheus_client's global registry, so several fleets or queue
 coexist in one process. The exporter serves whichever registry the run builds.
 
 Every series carries the label `run` first (the run name, as the trainer's series in
-`megatron_dapo.metrics`). Metrics without further labels are exposed already bound to the run
-(`metrics.kept_groups.inc()`); families with further labels take only those
+`megatron_dapo.report.prometheus`). Metrics without further labels are exposed already bound to
+the run (`metrics.kept_groups.inc()`); families with further labels take only those
 (`metrics.retries.labels(server_url).inc()`).
 """
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_dapo.advantages import (
+from pipeline.advantages import (
     ADVANTAGE_ESTIMATORS,
     AdvantageConfig,
     broadcast_to_tokens,

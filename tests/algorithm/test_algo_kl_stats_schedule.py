@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from megatron_dapo.eps_schedule import EpsHighSchedule
-from megatron_dapo.kl import approx_kl_to_old, k1_estimator, k3_estimator, reference_kl_penalty
-from megatron_dapo.policy_loss import PolicyLossConfig, dapo_policy_loss
-from megatron_dapo.policy_stats import clip_stats, entropy_stats, masked_sum
+from megatron_dapo.algo.eps_schedule import EpsHighSchedule
+from megatron_dapo.algo.kl import approx_kl_to_old, k1_estimator, k3_estimator, reference_kl_penalty
+from megatron_dapo.algo.policy_loss import PolicyLossConfig, dapo_policy_loss
+from megatron_dapo.algo.stats import clip_stats, entropy_stats, masked_sum
 
 LN2 = math.log(2.0)
 
@@ -131,8 +131,8 @@ def test_eps_high_schedule_rejects_negative_steps() -> None:
 
 
 def test_policy_loss_config_follows_the_run_config_schedule() -> None:
-    from megatron_dapo.config import AlgorithmConfig
-    from megatron_dapo.policy_loss import policy_loss_config_at
+    from megatron_dapo.algo.policy_loss import policy_loss_config_at
+    from megatron_dapo.config.schema import AlgorithmConfig
 
     algorithm = AlgorithmConfig(
         eps_high=0.4,

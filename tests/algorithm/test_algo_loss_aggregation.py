@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from megatron_dapo.loss_aggregation import (
+from megatron_dapo.algo.aggregation import (
     LOSS_AGGREGATIONS,
     LossNormalizers,
     count_loss_normalizers,

@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from megatron_dapo.advantages import ADVANTAGE_ESTIMATORS
-from megatron_dapo.loss_aggregation import LOSS_AGGREGATIONS
-from megatron_dapo.policy_loss import (
+from megatron_dapo.algo.aggregation import LOSS_AGGREGATIONS
+from megatron_dapo.algo.policy_loss import (
     PAPER_RECIPES,
     POLICY_LOSSES,
     PolicyLossConfig,
@@ -18,6 +17,7 @@ from megatron_dapo.policy_loss import (
     gspo_policy_loss,
     sapo_policy_loss,
 )
+from pipeline.advantages import ADVANTAGE_ESTIMATORS
 
 DAPO = PolicyLossConfig(eps_low=0.2, eps_high=0.28)
 

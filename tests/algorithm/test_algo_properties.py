@@ -8,14 +8,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_dapo.loss_aggregation import (
+from megatron_dapo.algo.aggregation import (
     LOSS_AGGREGATIONS,
     LossNormalizers,
     count_loss_normalizers,
     get_loss_aggregation,
 )
-from megatron_dapo.policy_loss import POLICY_LOSSES, PolicyLossConfig, get_policy_loss
-from megatron_dapo.policy_stats import ClipStats, clip_stats
+from megatron_dapo.algo.policy_loss import POLICY_LOSSES, PolicyLossConfig, get_policy_loss
+from megatron_dapo.algo.stats import ClipStats, clip_stats
 
 MAX_RESPONSE_LENGTH = 5
 PROPERTY_SETTINGS = settings(deadline=None, max_examples=50)

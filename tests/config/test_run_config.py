@@ -7,16 +7,16 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from megatron_dapo.advantages import ADVANTAGE_ESTIMATORS
-from megatron_dapo.config import (
+from megatron_dapo.algo.aggregation import LOSS_AGGREGATIONS
+from megatron_dapo.algo.policy_loss import POLICY_LOSSES
+from megatron_dapo.config.loading import ConfigError, load_config
+from megatron_dapo.config.schema import (
     ADVANTAGE_ESTIMATOR_NAMES,
     LOSS_AGGREGATION_NAMES,
     POLICY_LOSS_NAMES,
     RunConfig,
 )
-from megatron_dapo.loss_aggregation import LOSS_AGGREGATIONS
-from megatron_dapo.policy_loss import POLICY_LOSSES
-from megatron_dapo.yaml_config import ConfigError, load_config
+from pipeline.advantages import ADVANTAGE_ESTIMATORS
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_dapo.initial_checkpoint import write_random_checkpoint
-from megatron_dapo.yaml_config import load_config
+from megatron_dapo.config.loading import load_config
+from megatron_dapo.hf.initial_checkpoint import write_random_checkpoint
 from pipeline.config import RolloutConfig
 from pipeline.fleet import EmbeddedFleetOptions, RolloutFleet
 from tests.e2e.train_runs import DEMO

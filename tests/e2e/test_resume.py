@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_dapo.run_checkpoint import complete_checkpoints
+from megatron_dapo.ckpt.run_checkpoint import complete_checkpoints
 from tests.e2e.train_runs import (
     finish,
     processes_mentioning,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from launch_test_helpers import CPU_SGLANG_ARGS, DEMO_CONFIG, REPO, clean_env
 
-from megatron_dapo.yaml_config import load_config
+from megatron_dapo.config.loading import load_config
 from pipeline.sglang_server import ManagedProcess, free_port, http_get
 
 ENTRYPOINT = REPO / "launch" / "container_entrypoint.sh"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from launch_test_helpers import DEMO_CONFIG, REPO, clean_env
 
-from megatron_dapo.yaml_config import load_config
+from megatron_dapo.config.loading import load_config
 
 TORCHRUN = REPO / "launch" / "torchrun.sh"
 ENV_SH = REPO / "launch" / "env.sh"

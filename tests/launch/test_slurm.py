@@ -21,7 +21,7 @@ from launch_test_helpers import (
 )
 from slurm_cluster import SlurmCluster
 
-from megatron_dapo.yaml_config import load_config
+from megatron_dapo.config.loading import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.multirank]
 

@@ -26,7 +26,7 @@ from launch_test_helpers import (
 )
 from slurm_cluster import SlurmCluster
 
-from megatron_dapo.yaml_config import load_config
+from megatron_dapo.config.loading import load_config
 from pipeline.sglang_server import free_port
 from tests.e2e.train_runs import processes_mentioning, step_records
 

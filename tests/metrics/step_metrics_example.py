@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megatron_dapo.metrics import StepMetrics
+from megatron_dapo.report.prometheus import StepMetrics
 
 
 def example_step_metrics(step: int = 3, **changes: object) -> StepMetrics:

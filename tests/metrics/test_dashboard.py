@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from prometheus_client import CollectorRegistry
 
-from megatron_dapo.metrics import TrainerMetricsExporter
+from megatron_dapo.report.prometheus import TrainerMetricsExporter
 from pipeline.metrics import FleetMetrics, QueueMetrics
 from tests.metrics.step_metrics_example import example_step_metrics
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_dapo.policy_step import OptimizerStepMetrics
-from megatron_dapo.step_report import summarize_step
+from megatron_dapo.mcore.policy_step import OptimizerStepMetrics
+from megatron_dapo.report.step_report import summarize_step
 from pipeline.dynamic_sampling import StepStats
 from pipeline.train_batch import TrainBatch
 

@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 from prometheus_client import CollectorRegistry
 
-from megatron_dapo.metrics import TrainerMetricsExporter
+from megatron_dapo.report.prometheus import TrainerMetricsExporter
 from tests.metrics.step_metrics_example import example_step_metrics as _metrics
 
 

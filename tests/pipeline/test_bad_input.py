@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 
-from megatron_dapo.yaml_config import ConfigError, load_config
+from megatron_dapo.config.loading import ConfigError, load_config
 from pipeline.config import DataConfig
 from pipeline.prompts import MAX_REPORTED_ROWS, MalformedPromptData, load_rows
 from pipeline.rollout_client import RolloutClient

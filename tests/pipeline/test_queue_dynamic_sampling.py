@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from megatron_dapo.advantages import AdvantageConfig, grpo_advantages
+from pipeline.advantages import AdvantageConfig, grpo_advantages
 from pipeline.config import DynamicSamplingConfig, OverlongConfig, RolloutConfig
 from pipeline.dynamic_sampling import (
     DynamicSamplingQueue,

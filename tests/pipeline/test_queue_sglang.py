@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from megatron_dapo.advantages import AdvantageConfig, dr_grpo_advantages
+from pipeline.advantages import AdvantageConfig, dr_grpo_advantages
 from pipeline.config import DynamicSamplingConfig, OverlongConfig, RolloutConfig
 from pipeline.dynamic_sampling import DynamicSamplingQueue
 from pipeline.prompts import PromptRow, PromptSource

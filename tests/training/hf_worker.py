@@ -18,11 +18,11 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from megatron_dapo.config import ModelConfig, ParallelismConfig
-from megatron_dapo.hf_convert import export_hf_checkpoint, load_hf_checkpoint
-from megatron_dapo.hf_mappings import model_fields_from_hf
-from megatron_dapo.logprobs import vocab_parallel_log_probs
-from megatron_dapo.model import build_model_chunks
+from megatron_dapo.config.schema import ModelConfig, ParallelismConfig
+from megatron_dapo.hf.convert import export_hf_checkpoint, load_hf_checkpoint
+from megatron_dapo.hf.mappings import model_fields_from_hf
+from megatron_dapo.mcore.logprobs import vocab_parallel_log_probs
+from megatron_dapo.mcore.model import build_model_chunks
 
 VOCAB = 96
 _COMMON = {
@@ -129,7 +129,7 @@ def export_mismatch(source: Path, exported: Path) -> float:
 def _run_sharded(scratch: Path, out_path: str) -> None:
     from megatron.core import parallel_state as ps
 
-    from megatron_dapo.parallel import DistributedEnv, destroy_parallel, initialize_parallel
+    from megatron_dapo.mcore.parallel import DistributedEnv, destroy_parallel, initialize_parallel
 
     env = DistributedEnv.from_environ()
     errors = {}

@@ -13,8 +13,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megatron_dapo.cpu_patches import apply_cpu_patches
-from megatron_dapo.logprobs import (
+from megatron_dapo.mcore.cpu_patches import apply_cpu_patches
+from megatron_dapo.mcore.logprobs import (
     fused_linear_log_probs_and_entropy,
     output_layer_input,
     vocab_parallel_log_probs_and_entropy,

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from training_helpers import random_train_batch, tiny_run_config  # noqa: E402
 
-from megatron_dapo.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from megatron_dapo.parallel import DistributedEnv, initialize_parallel  # noqa: E402
-from megatron_dapo.policy_step import PolicyTrainer  # noqa: E402
+from megatron_dapo.ckpt.dist_checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from megatron_dapo.mcore.parallel import DistributedEnv, initialize_parallel  # noqa: E402
+from megatron_dapo.mcore.policy_step import PolicyTrainer  # noqa: E402
 
 DENSE_LENGTHS = (17, 9, 30, 5, 22, 12, 26, 8)  # uneven: exercises packing and padding
 MOE_LENGTHS = (20, 12, 20, 12, 18, 14, 18, 14)  # four full 32-token bins: no padding tokens,
@@ -271,7 +271,7 @@ def main() -> None:
     else:
         scenarios = TWO_RANK_SCENARIOS if args.phase == "two" else FOUR_RANK_SCENARIOS
         run_layouts(args.out, scenarios, env.world_size, args.phase)
-    from megatron_dapo.parallel import destroy_parallel
+    from megatron_dapo.mcore.parallel import destroy_parallel
 
     destroy_parallel()
 

@@ -22,12 +22,12 @@ from launch_helpers import run_torchrun
 from megatron.core.models.gpt import GPTModel
 from transformers import AutoModelForCausalLM
 
-from megatron_dapo.config import ModelConfig, ParallelismConfig
-from megatron_dapo.hf_convert import export_hf_checkpoint, load_hf_checkpoint
-from megatron_dapo.hf_mappings import AttentionShape, Rule, model_fields_from_hf, to_hf, to_megatron
-from megatron_dapo.logprobs import fused_linear_log_probs, output_layer_input, output_weight
-from megatron_dapo.model import build_model_chunks
-from megatron_dapo.parallel import DistributedEnv, destroy_parallel, initialize_parallel
+from megatron_dapo.config.schema import ModelConfig, ParallelismConfig
+from megatron_dapo.hf.convert import export_hf_checkpoint, load_hf_checkpoint
+from megatron_dapo.hf.mappings import AttentionShape, Rule, model_fields_from_hf, to_hf, to_megatron
+from megatron_dapo.mcore.logprobs import fused_linear_log_probs, output_layer_input, output_weight
+from megatron_dapo.mcore.model import build_model_chunks
+from megatron_dapo.mcore.parallel import DistributedEnv, destroy_parallel, initialize_parallel
 from pipeline.sglang_server import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -104,7 +104,7 @@ def test_log_probs_match_transformers_and_export_round_trips(single_rank, model_
 
 
 class _HiddenStatesGPTModel(GPTModel):
-    """The `megatron_dapo.logprobs` docstring recipe: the last stage returns hidden states."""
+    """The `megatron_dapo.mcore.logprobs` docstring recipe: the last stage returns hidden states."""
 
     def _postprocess(self, hidden_states, *args, **kwargs):
         return hidden_states

@@ -12,7 +12,7 @@ import torch
 from launch_helpers import REPO, run_torchrun
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from megatron_dapo.logprobs import (
+from megatron_dapo.mcore.logprobs import (
     fused_linear_log_probs,
     fused_linear_log_probs_and_entropy,
     vocab_parallel_entropy,

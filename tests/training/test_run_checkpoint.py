@@ -10,15 +10,15 @@ import pytest
 import torch
 from training_helpers import random_train_batch, tiny_run_config
 
-from megatron_dapo.parallel import DistributedEnv, destroy_parallel, initialize_parallel
-from megatron_dapo.policy_step import PolicyTrainer
-from megatron_dapo.run_checkpoint import (
+from megatron_dapo.ckpt.run_checkpoint import (
     complete_checkpoints,
     latest_checkpoint,
     load_run_checkpoint,
     save_run_checkpoint,
     step_directory,
 )
+from megatron_dapo.mcore.parallel import DistributedEnv, destroy_parallel, initialize_parallel
+from megatron_dapo.mcore.policy_step import PolicyTrainer
 from pipeline.sglang_server import free_port
 
 pytestmark = pytest.mark.slow

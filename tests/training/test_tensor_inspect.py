@@ -18,9 +18,9 @@ import yaml
 from launch_helpers import run_torchrun
 from training_helpers import VOCAB, random_train_batch, tiny_run_config
 
-from megatron_dapo.config import TensorInspectConfig
-from megatron_dapo.parallel import DistributedEnv, destroy_parallel, initialize_parallel
-from megatron_dapo.tensor_inspect import TensorInspector, install_tensor_inspection
+from megatron_dapo.config.schema import TensorInspectConfig
+from megatron_dapo.mcore.parallel import DistributedEnv, destroy_parallel, initialize_parallel
+from megatron_dapo.mcore.tensor_inspect import TensorInspector, install_tensor_inspection
 from pipeline.sglang_server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,7 +60,7 @@ CONFIG = {
 @pytest.fixture(scope="module")
 def trainer():
     """A PolicyTrainer (DDP-wrapped tiny MoE policy, 4 experts + shared expert) on one rank."""
-    from megatron_dapo.policy_step import PolicyTrainer
+    from megatron_dapo.mcore.policy_step import PolicyTrainer
 
     config = tiny_run_config(moe=True, max_tokens=40)
     initialize_parallel(config.parallelism, DistributedEnv(0, 1, 0, "127.0.0.1", free_port()), 3)
@@ -300,8 +300,8 @@ def test_bad_config_is_a_clear_error_and_leaves_no_session(
 def test_off_by_default_imports_nothing():
     code = (
         "import sys\n"
-        "from megatron_dapo.tensor_inspect import install_tensor_inspection\n"
-        "from megatron_dapo.yaml_config import load_config\n"
+        "from megatron_dapo.mcore.tensor_inspect import install_tensor_inspection\n"
+        "from megatron_dapo.config.loading import load_config\n"
         "config = load_config('configs/demo-cpu.yaml', ['debug.log_dir=elsewhere'])\n"
         "assert config.debug.tensor_inspect_config is None\n"
         "assert install_tensor_inspection(config.debug, []) is None\n"
@@ -327,7 +327,7 @@ def _pipeline_worker(out_dir: Path) -> None:
     """Rank of a 2-stage pipeline: sections are matched over all stages, errors raised on all."""
     import torch.distributed as dist
 
-    from megatron_dapo.policy_step import PolicyTrainer
+    from megatron_dapo.mcore.policy_step import PolicyTrainer
 
     config = tiny_run_config(moe=True, world_size=2, max_tokens=40, pipeline=2)
     initialize_parallel(config.parallelism, DistributedEnv.from_environ(), seed=3)

@@ -13,7 +13,7 @@ import pytest
 import test_training_parity
 import torch
 
-from megatron_dapo.cpu_patches import CPU_PATCHES, apply_cpu_patches
+from megatron_dapo.mcore.cpu_patches import CPU_PATCHES, apply_cpu_patches
 
 # patch -> (test module, test function, parametrisation or None): a test whose code path needs it
 COVERED_BY = {

@@ -6,7 +6,7 @@ import pytest
 import torch
 from training_helpers import random_train_batch
 
-from megatron_dapo.micro_batches import build_micro_batch, plan_micro_batches
+from megatron_dapo.mcore.micro_batches import build_micro_batch, plan_micro_batches
 
 LENGTHS = (17, 9, 30, 5, 22, 12, 26, 8)
 

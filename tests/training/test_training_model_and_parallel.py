@@ -8,9 +8,9 @@ import pytest
 import torch
 from training_helpers import tiny_run_config
 
-from megatron_dapo.checkpoint import check_checkpointable
-from megatron_dapo.model import build_model_chunks, layer_spec, transformer_config
-from megatron_dapo.parallel import DistributedEnv, resolve_backend
+from megatron_dapo.ckpt.dist_checkpoint import check_checkpointable
+from megatron_dapo.mcore.model import build_model_chunks, layer_spec, transformer_config
+from megatron_dapo.mcore.parallel import DistributedEnv, resolve_backend
 
 
 @pytest.mark.skipif(

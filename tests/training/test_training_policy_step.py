@@ -8,10 +8,10 @@ import pytest
 import torch
 from training_helpers import random_train_batch, tiny_run_config
 
-from megatron_dapo.loss_aggregation import LossNormalizers, get_loss_aggregation
-from megatron_dapo.parallel import DistributedEnv, destroy_parallel, initialize_parallel
-from megatron_dapo.policy_loss import get_policy_loss, policy_loss_config_at
-from megatron_dapo.policy_step import PolicyTrainer
+from megatron_dapo.algo.aggregation import LossNormalizers, get_loss_aggregation
+from megatron_dapo.algo.policy_loss import get_policy_loss, policy_loss_config_at
+from megatron_dapo.mcore.parallel import DistributedEnv, destroy_parallel, initialize_parallel
+from megatron_dapo.mcore.policy_step import PolicyTrainer
 from pipeline.sglang_server import free_port
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_dapo.config import RunConfig
+from megatron_dapo.config.schema import RunConfig
 from pipeline.train_batch import TrainBatch
 
 VOCAB = 128

@@ -4,7 +4,7 @@
 optimizer, training, metrics, checkpoint, launch) with the data-plane sections that
 `pipeline.config` owns (rollout, data, reward, dynamic sampling). Every section is frozen and
 rejects unknown keys; cross-section rules live in `RunConfig._check_consistency`. YAML loading
-and dotted overrides are in `megatron_dapo.yaml_config`.
+and dotted overrides are in `megatron_dapo.config.loading`.
 
 Units: lengths in tokens, batch sizes in responses unless named `prompts_*`, times in seconds,
 learning rates per optimizer step.
@@ -233,7 +233,7 @@ class LaunchConfig(Section):
 class TensorInspectConfig(Section):
     """Optional nvdlfw-inspect tensor statistics of the policy's layers (off by default).
 
-    See `megatron_dapo.tensor_inspect` and `configs/debug/tensor-inspect.yaml`. Relative paths
+    See `megatron_dapo.mcore.tensor_inspect` and `configs/debug/tensor-inspect.yaml`. Relative paths
     resolve against the working directory, like `checkpoint.dir`.
     """
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_dapo.checkpoint import load_checkpoint, save_checkpoint
-from megatron_dapo.policy_step import PolicyTrainer
+from megatron_dapo.ckpt.dist_checkpoint import load_checkpoint, save_checkpoint
+from megatron_dapo.mcore.policy_step import PolicyTrainer
 
 _STEP_DIR = re.compile(r"step(\d+)")
 _COMPLETE = "complete"

@@ -19,8 +19,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from megatron_dapo.config import ParallelismConfig
-from megatron_dapo.cpu_patches import apply_cpu_patches
+from megatron_dapo.config.schema import ParallelismConfig
+from megatron_dapo.mcore.cpu_patches import apply_cpu_patches
 
 
 @dataclass(frozen=True)

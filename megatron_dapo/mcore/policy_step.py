@@ -38,18 +38,18 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from megatron_dapo.config import RunConfig
-from megatron_dapo.kl import approx_kl_to_old
-from megatron_dapo.logprobs import vocab_parallel_log_probs_and_entropy
-from megatron_dapo.loss_aggregation import (
+from megatron_dapo.algo.aggregation import (
     LossNormalizers,
     count_loss_normalizers,
     get_loss_aggregation,
 )
-from megatron_dapo.micro_batches import MicroBatch, build_micro_batch, plan_micro_batches
-from megatron_dapo.model import build_model_chunks
-from megatron_dapo.policy_loss import get_policy_loss, policy_loss_config_at
-from megatron_dapo.policy_stats import clip_stats, masked_sum
+from megatron_dapo.algo.kl import approx_kl_to_old
+from megatron_dapo.algo.policy_loss import get_policy_loss, policy_loss_config_at
+from megatron_dapo.algo.stats import clip_stats, masked_sum
+from megatron_dapo.config.schema import RunConfig
+from megatron_dapo.mcore.logprobs import vocab_parallel_log_probs_and_entropy
+from megatron_dapo.mcore.micro_batches import MicroBatch, build_micro_batch, plan_micro_batches
+from megatron_dapo.mcore.model import build_model_chunks
 from pipeline.train_batch import TrainBatch
 
 logger = logging.getLogger(__name__)

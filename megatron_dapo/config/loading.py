@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import pydantic
 import yaml
 
-from megatron_dapo.config import RunConfig
+from megatron_dapo.config.schema import RunConfig
 
 ModelT = TypeVar("ModelT", bound=pydantic.BaseModel)
 

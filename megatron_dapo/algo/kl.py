@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from megatron_dapo.policy_stats import MaskedSum, masked_sum
+from megatron_dapo.algo.stats import MaskedSum, masked_sum
 
 MAX_ABS_LOG_RATIO = 20.0
 """Bound on |log ratio| before exp(); exp(20) ~ 4.9e8 is far outside any clip range."""

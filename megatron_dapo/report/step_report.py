@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megatron_dapo.config import RunConfig
-from megatron_dapo.metrics import StepMetrics, TrainerMetricsExporter
-from megatron_dapo.policy_step import OptimizerStepMetrics
+from megatron_dapo.config.schema import RunConfig
+from megatron_dapo.mcore.policy_step import OptimizerStepMetrics
+from megatron_dapo.report.prometheus import StepMetrics, TrainerMetricsExporter
 from pipeline.dynamic_sampling import StepStats
 from pipeline.overlong import TRUNCATED_FINISH_REASON
 from pipeline.train_batch import TrainBatch

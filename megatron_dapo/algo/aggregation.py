@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_dapo.registry import Registry
+from pipeline.registry import Registry
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from megatron_dapo.config import ModelConfig, ParallelismConfig
+from megatron_dapo.config.schema import ModelConfig, ParallelismConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_dapo.config import RunConfig
-from megatron_dapo.policy_step import PolicyTrainer
+from megatron_dapo.config.schema import RunConfig
+from megatron_dapo.mcore.policy_step import PolicyTrainer
 
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 

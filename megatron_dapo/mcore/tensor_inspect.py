@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from megatron_dapo.config import TensorInspectConfig
+from megatron_dapo.config.schema import TensorInspectConfig
 
 TENSOR_NAMES = ("activation", "output", "weight", "gradient")
 _STATS_API = "log_tensor_stats"

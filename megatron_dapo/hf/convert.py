@@ -26,7 +26,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megatron_dapo.hf_mappings import AttentionShape, Rule, to_hf, to_megatron, weight_rules
+from megatron_dapo.hf.mappings import AttentionShape, Rule, to_hf, to_megatron, weight_rules
 
 HF_SIDE_FILES = (
     "generation_config.json",

@@ -39,12 +39,12 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_dapo.advantages import broadcast_to_tokens
-from megatron_dapo.config import AlgorithmConfig
-from megatron_dapo.eps_schedule import EpsHighSchedule
-from megatron_dapo.kl import MAX_ABS_LOG_RATIO
-from megatron_dapo.loss_aggregation import segment_mean
-from megatron_dapo.registry import Registry
+from megatron_dapo.algo.aggregation import segment_mean
+from megatron_dapo.algo.eps_schedule import EpsHighSchedule
+from megatron_dapo.algo.kl import MAX_ABS_LOG_RATIO
+from megatron_dapo.config.schema import AlgorithmConfig
+from pipeline.advantages import broadcast_to_tokens
+from pipeline.registry import Registry
 
 
 @dataclass(frozen=True)
