@@ -1,7 +1,9 @@
 """The rollout fleet: local SGLang servers (embedded mode) or remote URLs (cluster mode).
 
 Embedded mode starts `num_servers` SGLang servers on free 127.0.0.1 ports (and, with
-`use_router`, an `sglang-router` in front), waits until each answers `/health` (the router:
+`use_router`, an `sglang-router` in front), waits until each answers `/health` (a server whose
+port was taken between choosing and binding it, e.g. by another server's internal ports, is
+started again on a new port, at most `PORT_CLASH_RETRIES` times; the router:
 until `/workers` lists them all, since it answers `/health` before workers register), and
 stops every process by PID on exit: `with RolloutFleet(...)` covers normal exit, exceptions
 and Ctrl-C (KeyboardInterrupt), and an `atexit` hook covers an interpreter exiting without
@@ -39,6 +41,9 @@ from pipeline.sglang_server import (
 )
 
 logger = logging.getLogger(__name__)
+
+PORT_CLASH_RETRIES = 3
+_PORT_CLASH = "address already in use"
 
 
 @dataclass(frozen=True)
@@ -92,11 +97,11 @@ class RolloutFleet:
         atexit.register(self.stop)
         begin = time.monotonic()
         try:
-            self._spawn_servers(self.embedded)
-            for process, url in zip(self.processes, self.worker_urls, strict=True):
-                remaining = self.embedded.start_timeout_s - (time.monotonic() - begin)
-                process.wait_until(
-                    lambda u=url: http_get(f"{u}/health")[0] == 200, remaining, "healthy"
+            for index in range(self.config.num_servers):
+                self.processes.append(self._spawn_server(index, self.embedded))
+            for index in range(self.config.num_servers):
+                self._wait_healthy(
+                    index, self.embedded, deadline=begin + self.embedded.start_timeout_s
                 )
             if self.config.use_router:
                 router, self.router_url = start_router(
@@ -108,7 +113,8 @@ class RolloutFleet:
             raise
         self.startup_s = time.monotonic() - begin
 
-    def _spawn_servers(self, options: EmbeddedFleetOptions) -> None:
+    def _spawn_server(self, index: int, options: EmbeddedFleetOptions) -> ManagedProcess:
+        """Start embedded server `index` on a free port; its URL goes to `worker_urls[index]`."""
         threads = str(options.threads_per_server)
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         extra = self.config.server_args
@@ -116,15 +122,36 @@ class RolloutFleet:
             extra = (*CPU_SERVER_ARGS, *extra)
         if self.config.deterministic:
             extra = (*extra, DETERMINISTIC_SERVER_FLAG)
-        for index in range(self.config.num_servers):
-            port = free_port()
-            argv = sglang_server_argv(options.model_path, port, extra_args=extra)
-            process = ManagedProcess(
-                f"sglang-{index}", argv, options.log_dir / f"sglang-{index}.log", env
-            )
-            process.start()
-            self.processes.append(process)
-            self.worker_urls.append(f"http://127.0.0.1:{port}")
+        port = free_port()
+        argv = sglang_server_argv(options.model_path, port, extra_args=extra)
+        process = ManagedProcess(
+            f"sglang-{index}", argv, options.log_dir / f"sglang-{index}.log", env
+        )
+        process.start()
+        url = f"http://127.0.0.1:{port}"
+        if index < len(self.worker_urls):
+            self.worker_urls[index] = url
+        else:
+            self.worker_urls.append(url)
+        return process
+
+    def _wait_healthy(self, index: int, options: EmbeddedFleetOptions, deadline: float) -> None:
+        """Wait for server `index`; start it again on a new port if its port was taken."""
+        for attempt in range(PORT_CLASH_RETRIES + 1):
+            process, url = self.processes[index], self.worker_urls[index]
+            try:
+                process.wait_until(
+                    lambda u=url: http_get(f"{u}/health")[0] == 200,
+                    deadline - time.monotonic(),
+                    "healthy",
+                )
+                return
+            except RuntimeError:
+                clash = _PORT_CLASH in process.log_tail().lower()
+                if attempt == PORT_CLASH_RETRIES or not clash:
+                    raise
+            logger.warning("%s: %s was taken before it bound; new port", process.name, url)
+            self.processes[index] = self._spawn_server(index, options)
 
     def stop(self) -> None:
         """Stop every local process by PID (router first); safe to call twice."""
