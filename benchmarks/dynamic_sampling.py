@@ -34,8 +34,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-import torch
-
+from pipeline.advantages import AdvantageConfig
 from pipeline.config import DynamicSamplingConfig, OverlongConfig, RolloutConfig
 from pipeline.dynamic_sampling import DynamicSamplingQueue
 from pipeline.group_filter import filter_groups
@@ -121,10 +120,6 @@ def prompt_source(num_rows: int) -> PromptSource:
     return PromptSource(rows, RowTokenizer(), max_prompt_length=4, shuffle=False)
 
 
-def centered(rewards: torch.Tensor) -> torch.Tensor:
-    return rewards - rewards.mean(dim=1, keepdim=True)
-
-
 async def run_queue(
     engine: SimulatedEngine, prompts: PromptSource, args: argparse.Namespace
 ) -> tuple[float, int]:
@@ -133,7 +128,7 @@ async def run_queue(
         engine=engine,
         scorer=FunctionScorer(yes_reward),
         decode=lambda ids: "".join(map(chr, ids[:1])),
-        advantage_fn=centered,
+        advantage=AdvantageConfig(estimator="dr_grpo"),
         num_groups=args.groups,
         rollout=RolloutConfig(
             n_samples_per_prompt=args.group_size, max_response_length=args.max_tokens

@@ -60,7 +60,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "DAPO": (),
     "GRPO": (
         "algorithm.policy_loss=grpo",
-        "algorithm.advantage_estimator=grpo",
+        "algorithm.advantage.estimator=grpo",
         "algorithm.loss_aggregation=seq-mean-token-mean",
         "algorithm.eps_low=0.2",
         "algorithm.eps_high=0.2",

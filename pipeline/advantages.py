@@ -1,9 +1,9 @@
 """Group-relative advantages from scalar rewards, selected by name.
 
 An estimator maps rewards shaped `[num_groups, G]` (row g holds the rewards of the G responses
-sampled for prompt g, in reward units) to advantages of the same shape. Every token of response
-o_i gets the advantage of o_i: `broadcast_to_tokens` spreads per-sequence values onto a token
-layout through `sequence_ids`.
+sampled for prompt g, in reward units) to advantages of the same shape; every token of response
+o_i then gets the advantage of o_i. `compute_advantages(rewards, config)` runs the estimator that
+`config.estimator` names: this is the data plane's reward -> advantage step.
 
 Estimators:
 - `grpo`:    A_i = (R_i - mean(R)) / (std(R) + std_eps)   (dimensionless; DAPO paper, GRPO)
@@ -18,32 +18,30 @@ estimator, never NaN, whatever `std_eps` is.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
+from pydantic import Field, field_validator
 
+from pipeline.config import Section
 from pipeline.registry import Registry
 
 
-@dataclass(frozen=True)
-class AdvantageConfig:
-    """Options of the advantage estimators.
+class AdvantageConfig(Section):
+    """Which advantage estimator runs, and its options (the run config's `algorithm.advantage`)."""
 
-    Attributes:
-        std_eps: added to the group std before dividing (grpo); >= 0, in reward units.
-        unbiased_std: True = divide the squared deviations by G - 1, False = by G.
-    """
-
-    std_eps: float = 1e-6
+    estimator: str = "grpo"
+    """Registered estimator name (`ADVANTAGE_ESTIMATORS`)."""
+    std_eps: float = Field(1e-6, ge=0.0, allow_inf_nan=False)
+    """Added to the group std before dividing (grpo), in reward units."""
     unbiased_std: bool = True
+    """True = divide the squared deviations by G - 1, False = by G."""
 
-    def __post_init__(self) -> None:
-        if not (0.0 <= self.std_eps < math.inf):
-            raise ValueError(
-                f"AdvantageConfig.std_eps must be finite and >= 0, got {self.std_eps!r}"
-            )
+    @field_validator("estimator")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        ADVANTAGE_ESTIMATORS.get(name)  # ValueError listing the valid names
+        return name
 
 
 AdvantageEstimator = Callable[[torch.Tensor, AdvantageConfig], torch.Tensor]
@@ -113,22 +111,6 @@ def dr_grpo_advantages(rewards: torch.Tensor, config: AdvantageConfig) -> torch.
     return _centered_group_rewards(rewards)[0]
 
 
-def broadcast_to_tokens(
-    sequence_values: torch.Tensor, sequence_ids: torch.Tensor, loss_mask: torch.Tensor
-) -> torch.Tensor:
-    """Give every loss token the value of the sequence it belongs to.
-
-    Args:
-        sequence_values: `[num_sequences]` one value per sequence (e.g. `advantages.flatten()`,
-            whose index is `group * G + response`).
-        sequence_ids: int64, any token shape; index into `sequence_values` of each token.
-            Ignored (may be out of range) where `loss_mask` is 0.
-        loss_mask: same shape as `sequence_ids`; nonzero = loss token.
-
-    Returns:
-        Tensor shaped like `sequence_ids` with the dtype of `sequence_values`; 0 at masked-out
-        positions.
-    """
-    mask = loss_mask.bool()
-    safe_ids = torch.where(mask, sequence_ids, 0)
-    return torch.where(mask, sequence_values[safe_ids], 0.0)
+def compute_advantages(rewards: torch.Tensor, config: AdvantageConfig) -> torch.Tensor:
+    """Advantages `[num_groups, G]` of rewards `[num_groups, G]` by `config.estimator`."""
+    return get_advantage_estimator(config.estimator)(rewards, config)

@@ -17,9 +17,9 @@ One step (`next_batch`) needs `num_groups` kept groups of G responses each:
    reward function raises is scored as wrong and counted (`StepStats`, `QueueMetrics`, a log
    warning); when every response scored in a step failed so (checked after each round), the
    reward function is broken and `RewardFunctionFailing` is raised.
-3. The batch is packed into a `TrainBatch`; advantages come from the injected
-   `advantage_fn` ([num_groups, G] rewards -> [num_groups, G] advantages), so the data plane
-   does not depend on the training plane.
+3. The batch is packed into a `TrainBatch`, with the advantages of the configured estimator
+   (`pipeline.advantages`) and, with overlong filtering, no loss on truncated responses
+   (`overlong_keep_mask`).
 
 Async mode: `start_prefetch()` starts the rounds of the next step while the trainer trains on
 the current batch; the samples then come from weights one version older, so async mode needs
@@ -40,18 +40,16 @@ from typing import Any
 
 import torch
 
+from pipeline.advantages import AdvantageConfig, compute_advantages
 from pipeline.config import DynamicSamplingConfig, OverlongConfig, RolloutConfig
 from pipeline.group_filter import filter_groups
 from pipeline.metrics import QueueMetrics
-from pipeline.overlong import TRUNCATED_FINISH_REASON, soft_overlong_punishment
+from pipeline.overlong import overlong_keep_mask, soft_overlong_punishment
 from pipeline.prompts import Prompt, PromptSource
 from pipeline.rewards.base import RewardScorer
 from pipeline.rollout_client import RolloutEngine
 from pipeline.sglang_client import Generation, SamplingParams
 from pipeline.train_batch import TrainBatch
-
-AdvantageFn = Callable[[torch.Tensor], torch.Tensor]
-"""Rewards [num_groups, G] (float32) -> advantages [num_groups, G]."""
 
 ABORT_FINISH_REASON = "abort"
 
@@ -167,7 +165,7 @@ class DynamicSamplingQueue:
         engine: generates responses (the fleet's `RolloutClient`, or a scripted engine).
         scorer: judges responses; called in a worker thread.
         decode: response token ids -> text for the scorer.
-        advantage_fn: [num_groups, G] rewards -> advantages (e.g. megatron_dapo's grpo).
+        advantage: the advantage estimator and its options.
         num_groups: groups (prompts) per batch.
         rollout: group size, sampling parameters, max_response_length and max_staleness.
         sampling: dynamic sampling switches.
@@ -180,7 +178,7 @@ class DynamicSamplingQueue:
     engine: RolloutEngine
     scorer: RewardScorer
     decode: Callable[[Sequence[int]], str]
-    advantage_fn: AdvantageFn
+    advantage: AdvantageConfig
     num_groups: int
     rollout: RolloutConfig
     sampling: DynamicSamplingConfig
@@ -486,12 +484,7 @@ class DynamicSamplingQueue:
 
     def _pack(self, groups: list[ScoredGroup]) -> TrainBatch:
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
-        advantages = self.advantage_fn(rewards)
-        if advantages.shape != rewards.shape:
-            raise ValueError(
-                f"advantage_fn returned shape {tuple(advantages.shape)} for rewards of shape "
-                f"{tuple(rewards.shape)}"
-            )
+        advantages = compute_advantages(rewards, self.advantage)
         tokens: list[int] = []
         log_probs: list[float] = []
         loss_mask: list[bool] = []
@@ -501,15 +494,14 @@ class DynamicSamplingQueue:
             group_id = self._next_group_id
             self._next_group_id += 1
             prompt = list(group.prompt.input_ids)
+            trains = [True] * len(group.generations)
+            if self.overlong.filter_truncated:
+                trains = overlong_keep_mask([g.finish_reason for g in group.generations]).tolist()
             for i, generation in enumerate(group.generations):
                 response = list(generation.output_ids)
-                trains = not (
-                    self.overlong.filter_truncated
-                    and generation.finish_reason == TRUNCATED_FINISH_REASON
-                )
                 tokens += prompt + response
                 log_probs += [0.0] * len(prompt) + list(generation.output_logprobs)
-                loss_mask += [False] * len(prompt) + [trains] * len(response)
+                loss_mask += [False] * len(prompt) + [trains[i]] * len(response)
                 lengths.append(len(prompt) + len(response))
                 prompt_lengths.append(len(prompt))
                 group_ids.append(group_id)

@@ -76,6 +76,26 @@ def segment_sum(
     return masked_values.new_zeros(num_segments).index_add(0, ids, masked_values)
 
 
+def broadcast_to_tokens(
+    sequence_values: torch.Tensor, sequence_ids: torch.Tensor, loss_mask: torch.Tensor
+) -> torch.Tensor:
+    """Give every loss token the value of the sequence it belongs to (`segment_sum`'s inverse).
+
+    Args:
+        sequence_values: `[num_sequences]` one value per sequence.
+        sequence_ids: int64, any token shape; index into `sequence_values` of each token.
+            Ignored (may be out of range) where `loss_mask` is 0.
+        loss_mask: same shape as `sequence_ids`; nonzero = loss token.
+
+    Returns:
+        Tensor shaped like `sequence_ids` with the dtype of `sequence_values`; 0 at masked-out
+        positions.
+    """
+    mask = loss_mask.bool()
+    safe_ids = torch.where(mask, sequence_ids, 0)
+    return torch.where(mask, sequence_values[safe_ids], 0.0)
+
+
 def segment_mean(
     values: torch.Tensor, sequence_ids: torch.Tensor, loss_mask: torch.Tensor
 ) -> torch.Tensor:

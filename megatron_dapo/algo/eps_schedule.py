@@ -12,6 +12,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from megatron_dapo.algo.policy_loss import LOSS_PARAMETER_RANGES
+
 SCHEDULE_SHAPES: dict[str, Callable[[float], float]] = {
     "constant": lambda progress: 0.0,
     "linear": lambda progress: progress,
@@ -24,8 +26,9 @@ class EpsHighSchedule:
     """eps_high over training.
 
     Attributes:
-        start: eps_high at step 0; finite, >= 0.
-        end: eps_high from `num_steps` on; required (finite, >= 0) unless `kind` is "constant".
+        start: eps_high at step 0; in eps_high's range (`LOSS_PARAMETER_RANGES`).
+        end: eps_high from `num_steps` on; required (in the same range) unless `kind` is
+            "constant".
         num_steps: steps to move from `start` to `end`; >= 1 unless `kind` is "constant".
         kind: one of `SCHEDULE_SHAPES`.
     """
@@ -40,8 +43,8 @@ class EpsHighSchedule:
             raise ValueError(
                 f"EpsHighSchedule.kind must be one of {sorted(SCHEDULE_SHAPES)}, got {self.kind!r}"
             )
-        if not (0.0 <= self.start < math.inf):
-            raise ValueError(f"EpsHighSchedule.start must be finite and >= 0, got {self.start!r}")
+        eps_high = LOSS_PARAMETER_RANGES["eps_high"]
+        eps_high.validate("EpsHighSchedule.start", self.start)
         if not (isinstance(self.num_steps, int) and self.num_steps >= 0):
             raise ValueError(
                 f"EpsHighSchedule.num_steps must be an int >= 0, got {self.num_steps!r}"
@@ -49,10 +52,9 @@ class EpsHighSchedule:
         if self.kind == "constant":
             return
         needed_for = f"for kind={self.kind!r}"
-        if self.end is None or not (0.0 <= self.end < math.inf):
-            raise ValueError(
-                f"EpsHighSchedule.end must be finite and >= 0 {needed_for}, got {self.end!r}"
-            )
+        if self.end is None:
+            raise ValueError(f"EpsHighSchedule.end is required {needed_for}")
+        eps_high.validate("EpsHighSchedule.end", self.end)
         if self.num_steps < 1:
             raise ValueError(
                 f"EpsHighSchedule.num_steps must be >= 1 {needed_for}, got {self.num_steps!r}"

@@ -4,9 +4,9 @@ Every loss is a pure function
 
     loss(log_probs, old_log_probs, advantages, loss_mask, sequence_ids, config) -> PolicyLossOutput
 
-returning PER-TOKEN losses (to be minimised, not yet averaged); `loss_aggregation` reduces them
-with a global normaliser. `PAPER_RECIPES` names the advantage estimator and aggregation mode each
-variant is defined with in its paper.
+returning PER-TOKEN losses (to be minimised, not yet averaged); `aggregation` reduces them with a
+global normaliser. `PAPER_RECIPES` names the advantage estimator and aggregation mode each
+variant is defined with in its paper, and which of the two define the variant.
 
 Token layout: all token tensors share one arbitrary shape (packed `[N]` or padded `[B, S]`).
 `log_probs` (requires grad) and `old_log_probs` are log-probabilities of the sampled tokens in
@@ -39,12 +39,40 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_dapo.algo.aggregation import segment_mean
-from megatron_dapo.algo.eps_schedule import EpsHighSchedule
+from megatron_dapo.algo.aggregation import broadcast_to_tokens, segment_mean
 from megatron_dapo.algo.kl import MAX_ABS_LOG_RATIO
-from megatron_dapo.config.schema import AlgorithmConfig
-from pipeline.advantages import broadcast_to_tokens
 from pipeline.registry import Registry
+
+
+@dataclass(frozen=True)
+class ParameterRange:
+    """The values a loss hyper-parameter may take, and how to say so."""
+
+    description: str
+    contains: Callable[[float], bool]
+
+    def validate(self, name: str, value: float) -> None:
+        """Raise ValueError naming `name` unless `value` lies in the range."""
+        if not self.contains(value):
+            raise ValueError(f"{name} must be {self.description}, got {value!r}")
+
+
+_UNIT_INTERVAL = ParameterRange("in [0, 1)", lambda value: 0.0 <= value < 1.0)
+_NON_NEGATIVE = ParameterRange("finite and >= 0", lambda value: 0.0 <= value < math.inf)
+_POSITIVE = ParameterRange("finite and > 0", lambda value: 0.0 < value < math.inf)
+_ABOVE_ONE = ParameterRange("finite and > 1", lambda value: 1.0 < value < math.inf)
+
+LOSS_PARAMETER_RANGES: dict[str, ParameterRange] = {
+    "eps_low": _UNIT_INTERVAL,
+    "eps_high": _NON_NEGATIVE,
+    "dual_clip_c": _ABOVE_ONE,
+    "gspo_eps_low": _UNIT_INTERVAL,
+    "gspo_eps_high": _NON_NEGATIVE,
+    "sapo_tau_pos": _POSITIVE,
+    "sapo_tau_neg": _POSITIVE,
+}
+"""The one home of the loss hyper-parameters' ranges: `PolicyLossConfig` and the run config's
+`algorithm` section both validate with it."""
 
 
 @dataclass(frozen=True)
@@ -69,26 +97,10 @@ class PolicyLossConfig:
     sapo_tau_neg: float = 1.05
 
     def __post_init__(self) -> None:
-        in_unit_interval = ("in [0, 1)", lambda value: 0.0 <= value < 1.0)
-        non_negative = ("finite and >= 0", lambda value: 0.0 <= value < math.inf)
-        positive = ("finite and > 0", lambda value: 0.0 < value < math.inf)
-        rules = {
-            "eps_low": in_unit_interval,
-            "eps_high": non_negative,
-            "gspo_eps_low": in_unit_interval,
-            "gspo_eps_high": non_negative,
-            "sapo_tau_pos": positive,
-            "sapo_tau_neg": positive,
-        }
-        if self.dual_clip_c is not None:
-            rules["dual_clip_c"] = (
-                "finite and > 1 (or None)",
-                lambda value: 1.0 < value < math.inf,
-            )
-        for field, (rule, holds) in rules.items():
-            value = getattr(self, field)
-            if not holds(value):
-                raise ValueError(f"PolicyLossConfig.{field} must be {rule}, got {value!r}")
+        for name, allowed in LOSS_PARAMETER_RANGES.items():
+            value = getattr(self, name)
+            if value is not None:  # only dual_clip_c may be None (off)
+                allowed.validate(f"PolicyLossConfig.{name}", value)
 
 
 @dataclass(frozen=True)
@@ -111,28 +123,6 @@ class PolicyLossOutput:
     dual_clipped: torch.Tensor
 
 
-def policy_loss_config_at(algorithm: AlgorithmConfig, step: int) -> PolicyLossConfig:
-    """The loss hyper-parameters of the run config at optimizer step `step` (>= 0).
-
-    eps_high follows `algorithm.eps_high_schedule` (constant unless configured otherwise).
-    """
-    schedule = EpsHighSchedule(
-        start=algorithm.eps_high,
-        end=algorithm.eps_high_end,
-        num_steps=algorithm.eps_high_schedule_steps,
-        kind=algorithm.eps_high_schedule,
-    )
-    return PolicyLossConfig(
-        eps_low=algorithm.eps_low,
-        eps_high=schedule.value_at(step),
-        dual_clip_c=algorithm.dual_clip_c,
-        gspo_eps_low=algorithm.gspo_eps_low,
-        gspo_eps_high=algorithm.gspo_eps_high,
-        sapo_tau_pos=algorithm.sapo_tau_pos,
-        sapo_tau_neg=algorithm.sapo_tau_neg,
-    )
-
-
 PolicyLossFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, PolicyLossConfig],
     PolicyLossOutput,
@@ -145,19 +135,52 @@ get_policy_loss = POLICY_LOSSES.get
 
 @dataclass(frozen=True)
 class LossRecipe:
-    """How a paper pairs its policy loss with an advantage estimator and an aggregation mode."""
+    """How a paper pairs its policy loss with an advantage estimator and an aggregation mode.
 
+    Attributes:
+        paper: the variant's paper, for messages.
+        advantage_estimator: the estimator the paper uses (registry name).
+        loss_aggregation: the aggregation mode the paper uses (registry name).
+        fixed: which of `advantage_estimator` / `loss_aggregation` define the variant: another
+            choice there is not that variant. The others are free, for ablations (DAPO's Table 1
+            runs clip-higher with GRPO's sample-level loss).
+    """
+
+    paper: str
     advantage_estimator: str
     loss_aggregation: str
+    fixed: tuple[str, ...] = ()
+
+    def conflicts(self, advantage_estimator: str, loss_aggregation: str) -> list[str]:
+        """The fixed choices that the given pairing contradicts, described."""
+        chosen = {
+            "advantage_estimator": advantage_estimator,
+            "loss_aggregation": loss_aggregation,
+        }
+        return [
+            f"{field} {chosen[field]!r} (the recipe has {getattr(self, field)!r})"
+            for field in self.fixed
+            if chosen[field] != getattr(self, field)
+        ]
 
 
 PAPER_RECIPES: dict[str, LossRecipe] = {
-    "dapo": LossRecipe("grpo", "token-mean"),
-    "grpo": LossRecipe("grpo", "seq-mean-token-mean"),
-    "gspo": LossRecipe("grpo", "seq-mean-token-mean"),
-    "dr_grpo": LossRecipe("dr_grpo", "seq-mean-token-sum-norm"),
-    "sapo": LossRecipe("grpo", "seq-mean-token-mean"),
+    "dapo": LossRecipe("DAPO (arXiv 2503.14476)", "grpo", "token-mean"),
+    "grpo": LossRecipe("GRPO (arXiv 2402.03300)", "grpo", "seq-mean-token-mean"),
+    "gspo": LossRecipe(
+        "GSPO (arXiv 2507.18071)", "grpo", "seq-mean-token-mean", fixed=("loss_aggregation",)
+    ),
+    "dr_grpo": LossRecipe(
+        "Dr. GRPO (arXiv 2503.20783)",
+        "dr_grpo",
+        "seq-mean-token-sum-norm",
+        fixed=("advantage_estimator", "loss_aggregation"),
+    ),
+    "sapo": LossRecipe("SAPO (arXiv 2511.20347)", "grpo", "seq-mean-token-mean"),
 }
+"""Every registered policy loss's paper recipe. `dr_grpo`'s per-token loss is `grpo`'s, so the
+name means its advantage and aggregation; GSPO's clip acts on whole sequences, so its
+aggregation weighs sequences, not tokens."""
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,13 @@
 """The run configuration: one typed schema for a whole megatron-dapo run.
 
 `RunConfig` composes the training-plane sections defined here (model, parallelism, algorithm,
-optimizer, training, metrics, checkpoint, launch) with the data-plane sections that
-`pipeline.config` owns (rollout, data, reward, dynamic sampling). Every section is frozen and
-rejects unknown keys; cross-section rules live in `RunConfig._check_consistency`. YAML loading
-and dotted overrides are in `megatron_dapo.config.loading`.
+optimizer, training, metrics, checkpoint, launch) with the data-plane sections that `pipeline`
+owns (rollout, data, reward, dynamic sampling, advantage). Every section is frozen and rejects
+unknown keys; cross-section rules live in `RunConfig._check_consistency`. The algorithm's names,
+pairings and hyper-parameter ranges come from `megatron_dapo.algo` and `pipeline.advantages`
+(registries, `PAPER_RECIPES`, `LOSS_PARAMETER_RANGES`) and are checked here, once, at load time.
+The data plane is handed `RunConfig.data_plane_config()`, never the run config. YAML loading and
+dotted overrides are in `megatron_dapo.config.loading`.
 
 Units: lengths in tokens, batch sizes in responses unless named `prompts_*`, times in seconds,
 learning rates per optimizer step.
@@ -12,10 +15,20 @@ learning rates per optimizer step.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from megatron_dapo.algo.aggregation import LOSS_AGGREGATIONS
+from megatron_dapo.algo.eps_schedule import SCHEDULE_SHAPES, EpsHighSchedule
+from megatron_dapo.algo.objective import ObjectiveConfig
+from megatron_dapo.algo.policy_loss import (
+    LOSS_PARAMETER_RANGES,
+    PAPER_RECIPES,
+    POLICY_LOSSES,
+    PolicyLossConfig,
+)
+from pipeline.advantages import AdvantageConfig
 from pipeline.config import (
     DataConfig,
     DynamicSamplingConfig,
@@ -23,10 +36,10 @@ from pipeline.config import (
     RolloutConfig,
     Section,
 )
+from pipeline.data_plane import DataPlaneConfig
 
-POLICY_LOSS_NAMES = ("dapo", "grpo", "gspo", "dr_grpo", "sapo")
-ADVANTAGE_ESTIMATOR_NAMES = ("grpo", "dr_grpo")
-LOSS_AGGREGATION_NAMES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+EPS_HIGH_SCHEDULES = tuple(SCHEDULE_SHAPES)
+_LOSS_DEFAULTS = PolicyLossConfig()
 
 
 class MoEConfig(Section):
@@ -120,39 +133,130 @@ class ParallelismConfig(Section):
 
 
 class AlgorithmConfig(Section):
-    """The RL objective: policy loss, advantages, clipping, aggregation, regularisers."""
+    """The RL objective: policy loss, advantages, clipping, aggregation, regularisers.
 
-    policy_loss: Literal[POLICY_LOSS_NAMES] = "dapo"  # type: ignore[valid-type]
-    advantage_estimator: Literal[ADVANTAGE_ESTIMATOR_NAMES] = "grpo"  # type: ignore[valid-type]
-    loss_aggregation: Literal[LOSS_AGGREGATION_NAMES] = "token-mean"  # type: ignore[valid-type]
-    eps_low: float = Field(0.2, ge=0.0, lt=1.0)
-    eps_high: float = Field(0.28, ge=0.0)
-    eps_high_end: float | None = Field(None, ge=0.0)
+    Unset (or null) `advantage.estimator` and `loss_aggregation` follow the policy loss's paper
+    recipe (`PAPER_RECIPES`); set, they must keep what defines the variant (e.g. `dr_grpo` is its
+    advantage and aggregation) and are otherwise free, for ablations.
+    """
+
+    policy_loss: str = "dapo"
+    """Registered policy loss: `dapo`, `grpo`, `gspo`, `dr_grpo` or `sapo`."""
+    advantage: AdvantageConfig = AdvantageConfig()
+    loss_aggregation: str = "token-mean"
+    """Registered aggregation: `token-mean`, `seq-mean-token-mean`, `seq-mean-token-sum-norm`."""
+    eps_low: float = _LOSS_DEFAULTS.eps_low
+    eps_high: float = _LOSS_DEFAULTS.eps_high
+    eps_high_end: float | None = None
     """If set, eps_high moves from `eps_high` to this value over `eps_high_schedule_steps`."""
-    eps_high_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    eps_high_schedule: Literal[EPS_HIGH_SCHEDULES] = "constant"  # type: ignore[valid-type]
     eps_high_schedule_steps: int = Field(0, ge=0)
-    dual_clip_c: float | None = Field(None, gt=1.0)
+    dual_clip_c: float | None = _LOSS_DEFAULTS.dual_clip_c
     """Dual-clip constant c > 1 capping the loss of negative-advantage tokens; None = off."""
-    gspo_eps_low: float = Field(3e-4, ge=0.0, lt=1.0)
-    gspo_eps_high: float = Field(4e-4, ge=0.0)
-    sapo_tau_pos: float = Field(1.0, gt=0.0)
-    sapo_tau_neg: float = Field(1.05, gt=0.0)
+    gspo_eps_low: float = _LOSS_DEFAULTS.gspo_eps_low
+    gspo_eps_high: float = _LOSS_DEFAULTS.gspo_eps_high
+    sapo_tau_pos: float = _LOSS_DEFAULTS.sapo_tau_pos
+    sapo_tau_neg: float = _LOSS_DEFAULTS.sapo_tau_neg
     loss_norm_constant: int | None = Field(None, ge=1)
     """seq-mean-token-sum-norm divisor; None = rollout.max_response_length."""
-    kl_coef: float = Field(0.0, ge=0.0)
-    """Weight of the k3 KL-to-reference penalty (GRPO); 0 = no reference model (DAPO)."""
+    kl_coef: float = 0.0
+    """Weight of a KL-to-reference penalty (GRPO); only 0 (no reference policy, as DAPO) is
+    supported so far."""
     entropy_coef: float = Field(0.0, ge=0.0)
     dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
 
-    @model_validator(mode="after")
-    def _check_schedule(self) -> AlgorithmConfig:
-        incomplete = self.eps_high_end is None or self.eps_high_schedule_steps == 0
-        if self.eps_high_schedule != "constant" and incomplete:
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_recipe_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        recipe = PAPER_RECIPES.get(data.get("policy_loss", cls.model_fields["policy_loss"].default))
+        if recipe is None:
+            return data  # the policy_loss validator names the valid losses
+        data = dict(data)
+        if data.get("loss_aggregation") is None:
+            data["loss_aggregation"] = recipe.loss_aggregation
+        advantage = data.get("advantage") or {}
+        if isinstance(advantage, dict) and advantage.get("estimator") is None:
+            data["advantage"] = {**advantage, "estimator": recipe.advantage_estimator}
+        return data
+
+    @field_validator("policy_loss")
+    @classmethod
+    def _registered_policy_loss(cls, name: str) -> str:
+        POLICY_LOSSES.get(name)  # ValueError listing the valid names
+        return name
+
+    @field_validator("loss_aggregation")
+    @classmethod
+    def _registered_aggregation(cls, name: str) -> str:
+        LOSS_AGGREGATIONS.get(name)
+        return name
+
+    @field_validator(*LOSS_PARAMETER_RANGES, "eps_high_end")
+    @classmethod
+    def _loss_parameter_in_range(cls, value: float | None, info: ValidationInfo) -> float | None:
+        name = "eps_high" if info.field_name == "eps_high_end" else str(info.field_name)
+        if value is not None:
+            LOSS_PARAMETER_RANGES[name].validate(str(info.field_name), value)
+        return value
+
+    @field_validator("kl_coef")
+    @classmethod
+    def _no_reference_policy(cls, value: float) -> float:
+        if value != 0.0:
             raise ValueError(
-                f"eps_high_schedule={self.eps_high_schedule!r} needs eps_high_end and "
-                "eps_high_schedule_steps > 0"
+                "a KL penalty needs a reference policy, which is not supported yet (DAPO uses "
+                "none); set 0"
             )
+        return value
+
+    @model_validator(mode="after")
+    def _check_recipe_and_schedule(self) -> AlgorithmConfig:
+        recipe = PAPER_RECIPES[self.policy_loss]
+        conflicts = recipe.conflicts(self.advantage.estimator, self.loss_aggregation)
+        if conflicts:
+            raise ValueError(
+                f"policy_loss {self.policy_loss!r} is {recipe.paper}: advantage estimator "
+                f"{recipe.advantage_estimator!r} with loss_aggregation "
+                f"{recipe.loss_aggregation!r}, but got {'; '.join(conflicts)}. Leave them unset "
+                "for the recipe, or pick the policy loss whose recipe you mean"
+            )
+        try:
+            self.eps_high_schedule_of_run()
+        except ValueError as err:
+            raise ValueError(
+                f"eps_high_schedule={self.eps_high_schedule!r} with eps_high_end="
+                f"{self.eps_high_end}, eps_high_schedule_steps={self.eps_high_schedule_steps}: "
+                f"{err}"
+            ) from None
         return self
+
+    def eps_high_schedule_of_run(self) -> EpsHighSchedule:
+        """eps_high over the run's optimizer steps."""
+        return EpsHighSchedule(
+            start=self.eps_high,
+            end=self.eps_high_end,
+            num_steps=self.eps_high_schedule_steps,
+            kind=self.eps_high_schedule,
+        )
+
+    def objective_at(self, optimizer_step: int) -> ObjectiveConfig:
+        """The objective of optimizer step `optimizer_step` (>= 0), eps_high scheduled."""
+        return ObjectiveConfig(
+            policy_loss=self.policy_loss,
+            loss_aggregation=self.loss_aggregation,
+            loss=PolicyLossConfig(
+                eps_low=self.eps_low,
+                eps_high=self.eps_high_schedule_of_run().value_at(optimizer_step),
+                dual_clip_c=self.dual_clip_c,
+                gspo_eps_low=self.gspo_eps_low,
+                gspo_eps_high=self.gspo_eps_high,
+                sapo_tau_pos=self.sapo_tau_pos,
+                sapo_tau_neg=self.sapo_tau_neg,
+            ),
+            entropy_coef=self.entropy_coef,
+        )
 
 
 class OptimizerConfig(Section):
@@ -198,6 +302,8 @@ class MetricsConfig(Section):
     port: int = Field(9400, ge=0, le=65535)
     """0 = pick a free port."""
     log_every: int = Field(1, ge=1)
+    """Print the summary line every this many steps (and the last); Prometheus and
+    `metrics.jsonl` get every step."""
 
 
 class CheckpointConfig(Section):
@@ -212,9 +318,9 @@ class CheckpointConfig(Section):
 
 
 class LaunchConfig(Section):
-    """How ranks are started: in-process (local), torchrun, or SLURM."""
+    """Where the trainer's ranks run: one node (`megatron-dapo train` starts them under
+    torchrun) or several (started per node by `launch/torchrun.sh` or SLURM)."""
 
-    launcher: Literal["local", "torchrun", "slurm"] = "local"
     nnodes: int = Field(1, ge=1)
     nproc_per_node: int = Field(1, ge=1)
     master_addr: str = "127.0.0.1"
@@ -263,6 +369,24 @@ class RunConfig(Section):
     debug: TensorInspectConfig = TensorInspectConfig()
 
     @property
+    def loss_norm_constant(self) -> float:
+        """The seq-mean-token-sum-norm divisor (tokens): `algorithm.loss_norm_constant`, else
+        `rollout.max_response_length`."""
+        return float(self.algorithm.loss_norm_constant or self.rollout.max_response_length)
+
+    def data_plane_config(self) -> DataPlaneConfig:
+        """The sections the data plane runs on (it never sees the run config)."""
+        return DataPlaneConfig(
+            rollout=self.rollout,
+            data=self.data,
+            reward=self.reward,
+            sampling=self.algorithm.dynamic_sampling,
+            advantage=self.algorithm.advantage,
+            groups_per_step=self.training.prompts_per_step,
+            run_name=self.metrics.run_name,
+        )
+
+    @property
     def data_parallel_size(self) -> int:
         """Dense data-parallel replicas (world / (TP x PP))."""
         return self.launch.world_size // self.parallelism.model_parallel_size
@@ -309,6 +433,11 @@ class RunConfig(Section):
             raise ValueError(
                 f"training.mini_batch_size={self.training.mini_batch_size} must divide the "
                 f"responses per step (prompts_per_step x n_samples_per_prompt = {responses})"
+            )
+        if self.rollout.temperature <= 0:
+            raise ValueError(
+                f"rollout.temperature={self.rollout.temperature} must be > 0: the policy trains "
+                "on the log-probs of sampled tokens"
             )
         overlong = self.reward.overlong
         if overlong.soft_punishment and overlong.cache_length > self.rollout.max_response_length:

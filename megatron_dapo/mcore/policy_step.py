@@ -8,11 +8,11 @@ A step packs the batch into micro-batches (`micro_batches`), split over DP ranks
 GLOBAL loss normalisers (loss tokens and sequences, all-reduced over DP) before running
 `get_forward_backward_func()` (1F1B over PP stages, interleaved with virtual stages); on the last
 stage each micro-batch's per-token log-probs of the sampled tokens come from the vocab-parallel
-logits (`logprobs`, never gathering the vocabulary), then the configured policy loss and
-aggregation (`policy_loss`, `loss_aggregation`) give that micro-batch's exact share of the
-global loss; Megatron DDP reduces the gradients and Megatron's optimizer (AdamW, distributed
-optimizer if configured, global grad-norm clipping) steps with the LR of
-`OptimizerParamScheduler` (linear warm-up from 0).
+logits (`logprobs`, never gathering the vocabulary), then the policy objective
+(`megatron_dapo.algo.objective`, built once per optimizer step) gives that micro-batch's exact
+share of the global loss and its statistics; Megatron DDP reduces the gradients and Megatron's
+optimizer (AdamW, distributed optimizer if configured, global grad-norm clipping) steps with the
+LR of `OptimizerParamScheduler` (linear warm-up from 0).
 
 Packing: with the local layer spec a micro-batch packs several samples behind a block-diagonal
 causal mask. Transformer Engine's attention applies its own causal mask and ignores that one, so
@@ -38,14 +38,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from megatron_dapo.algo.aggregation import (
-    LossNormalizers,
-    count_loss_normalizers,
-    get_loss_aggregation,
-)
-from megatron_dapo.algo.kl import approx_kl_to_old
-from megatron_dapo.algo.policy_loss import get_policy_loss, policy_loss_config_at
-from megatron_dapo.algo.stats import clip_stats, masked_sum
+from megatron_dapo.algo.aggregation import LossNormalizers, count_loss_normalizers
+from megatron_dapo.algo.objective import ObjectiveConfig, ObjectiveStats, policy_objective
 from megatron_dapo.config.schema import RunConfig
 from megatron_dapo.mcore.logprobs import vocab_parallel_log_probs_and_entropy
 from megatron_dapo.mcore.micro_batches import MicroBatch, build_micro_batch, plan_micro_batches
@@ -68,7 +62,7 @@ class OptimizerStepMetrics:
         approx_kl: mean k3 estimate of KL(pi_old || pi_theta) per loss token (nats).
         grad_norm: global gradient L2 norm before clipping.
         lr: learning rate of this step.
-        num_loss_tokens, num_sequences: the global loss normalisers.
+        num_loss_tokens: loss tokens of the mini-batch (the token-mean normaliser).
         num_microbatches: micro-batches per DP rank.
         padding_fraction: padding tokens / packed row slots.
         update_successful: False if the optimizer skipped the step (non-finite gradients).
@@ -88,7 +82,6 @@ class OptimizerStepMetrics:
     grad_norm: float
     lr: float
     num_loss_tokens: int
-    num_sequences: int
     num_microbatches: int
     padding_fraction: float
     update_successful: bool
@@ -130,10 +123,6 @@ class PolicyTrainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
         from megatron.core.transformer.module import Float16Module
 
-        if config.algorithm.kl_coef > 0:
-            raise ValueError("algorithm.kl_coef > 0 needs a reference policy, not supported yet")
-        if config.rollout.temperature <= 0:
-            raise ValueError("rollout.temperature must be > 0 to train on sampled log-probs")
         self.config = config
         par = config.parallelism
         chunks = build_model_chunks(config.model, par)
@@ -235,12 +224,13 @@ class PolicyTrainer:
             for samples in plan.bins[self._dp_rank]
         ]
         normalizers = self._global_normalizers(micro_batches)
+        objective = self.config.algorithm.objective_at(self.optimizer_steps)
         scale = plan.num_microbatches * self._dp_size
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.scheduler.step(1)
-        forward_step = partial(self._forward_step, normalizers, scale)
+        forward_step = partial(self._forward_step, normalizers, objective, scale)
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=[iter(micro_batches) for _ in self.chunks],
@@ -251,23 +241,23 @@ class PolicyTrainer:
             forward_only=False,
         )
         stats = self._reduce_stats(outputs)
-        if self._is_finite(stats["loss"]):
+        loss = float(stats.loss)
+        if self._is_finite(loss):
             update_successful, grad_norm, _ = self.optimizer.step()
         else:
             update_successful, grad_norm = False, float("nan")
-            self._skip_nonfinite_step(stats["loss"])
+            self._skip_nonfinite_step(loss)
         self.optimizer_steps += 1
         return OptimizerStepMetrics(
-            loss=stats["loss"],
-            clip_fraction_low=stats["clipped_low"] / max(stats["tokens"], 1),
-            clip_fraction_high=stats["clipped_high"] / max(stats["tokens"], 1),
-            dual_clip_fraction=stats["dual_clipped"] / max(stats["tokens"], 1),
-            entropy=stats["entropy"] / max(stats["tokens"], 1),
-            approx_kl=stats["kl"] / max(stats["tokens"], 1),
+            loss=loss,
+            clip_fraction_low=stats.clip_fraction_low(),
+            clip_fraction_high=stats.clip_fraction_high(),
+            dual_clip_fraction=stats.dual_clip_fraction(),
+            entropy=stats.mean_entropy(),
+            approx_kl=stats.mean_approx_kl(),
             grad_norm=float(grad_norm) if grad_norm is not None else 0.0,
             lr=self.optimizer.param_groups[0]["lr"],
             num_loss_tokens=normalizers.num_tokens,
-            num_sequences=normalizers.num_sequences,
             num_microbatches=plan.num_microbatches,
             padding_fraction=plan.padding_fraction(batch),
             update_successful=bool(update_successful),
@@ -303,16 +293,15 @@ class PolicyTrainer:
         )
         counts = torch.tensor([local.num_tokens, local.num_sequences], dtype=torch.int64)
         dist.all_reduce(counts, group=self._dp_group)
-        algorithm = self.config.algorithm
-        norm_constant = None
-        if algorithm.loss_aggregation == "seq-mean-token-sum-norm":
-            norm_constant = float(
-                algorithm.loss_norm_constant or self.config.rollout.max_response_length
-            )
-        return LossNormalizers(int(counts[0]), int(counts[1]), norm_constant)
+        return LossNormalizers(int(counts[0]), int(counts[1]), self.config.loss_norm_constant)
 
     def _forward_step(
-        self, normalizers: LossNormalizers, scale: int, data_iterator, model: torch.nn.Module
+        self,
+        normalizers: LossNormalizers,
+        objective: ObjectiveConfig,
+        scale: int,
+        data_iterator,
+        model: torch.nn.Module,
     ):
         micro_batch = next(data_iterator)
         micro_batch = dataclasses.replace(
@@ -324,14 +313,17 @@ class PolicyTrainer:
             },
         )
         output = model(micro_batch.tokens, micro_batch.position_ids, micro_batch.attention_mask)
-        return output, partial(self._loss, micro_batch, normalizers, scale)
+        return output, partial(self._loss, micro_batch, normalizers, objective, scale)
 
     def _loss(
-        self, micro_batch: MicroBatch, normalizers: LossNormalizers, scale: int, logits
+        self,
+        micro_batch: MicroBatch,
+        normalizers: LossNormalizers,
+        objective: ObjectiveConfig,
+        scale: int,
+        logits: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Scaled share of the global loss of one micro-batch; logits `[1, T, V / TP]`."""
-        algorithm = self.config.algorithm
-        mask, ids = micro_batch.loss_mask, micro_batch.sequence_ids
         log_probs, entropy = vocab_parallel_log_probs_and_entropy(
             logits,
             micro_batch.targets,
@@ -339,37 +331,26 @@ class PolicyTrainer:
             chunk_size=self.config.training.log_prob_chunk_size,
             temperature=self.config.rollout.temperature,
         )
-        log_probs, entropy = log_probs.float(), entropy.float()
-        loss_config = policy_loss_config_at(algorithm, self.optimizer_steps)
-        policy = get_policy_loss(algorithm.policy_loss)(
-            log_probs, micro_batch.old_log_probs, micro_batch.advantages, mask, ids, loss_config
+        share, stats = policy_objective(
+            log_probs.float(),
+            entropy.float(),
+            micro_batch.old_log_probs,
+            micro_batch.advantages,
+            micro_batch.loss_mask,
+            micro_batch.sequence_ids,
+            normalizers,
+            objective,
         )
-        token_loss = policy.token_loss
-        if algorithm.entropy_coef > 0:
-            token_loss = token_loss - algorithm.entropy_coef * entropy
-        share = get_loss_aggregation(algorithm.loss_aggregation)(token_loss, mask, ids, normalizers)
-        clips = clip_stats(policy.clipped_low, policy.clipped_high, policy.dual_clipped, mask)
-        stats = torch.stack(
-            [
-                share.detach(),
-                clips.clipped_low.float(),
-                clips.clipped_high.float(),
-                clips.dual_clipped.float(),
-                clips.num_tokens.float(),
-                masked_sum(entropy, mask).total,
-                approx_kl_to_old(policy.log_ratio, mask).total,
-            ]
-        ).cpu()
-        return share * scale, {"stats": stats}
+        return share * scale, {"stats": stats.as_tensor().cpu()}
 
-    def _reduce_stats(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Sum the micro-batch stats of the last stage and share them with every rank."""
-        stats = torch.zeros(len(_STATS), dtype=torch.float64)
+    def _reduce_stats(self, outputs: list[dict[str, torch.Tensor]]) -> ObjectiveStats:
+        """Sum the micro-batch statistics of the last stage and share them with every rank."""
+        total = torch.zeros(len(dataclasses.fields(ObjectiveStats)), dtype=torch.float64)
         for output in outputs:
-            stats += output["stats"].double()
-        dist.all_reduce(stats, group=self._pp_group)  # only the last stage has non-zeros
-        dist.all_reduce(stats, group=self._dp_group)
-        return dict(zip(_STATS, stats.tolist(), strict=True))
+            total += output["stats"]
+        dist.all_reduce(total, group=self._pp_group)  # only the last stage has non-zeros
+        dist.all_reduce(total, group=self._dp_group)
+        return ObjectiveStats.from_tensor(total)
 
     def _take_aux_loss(self, num_microbatches: int) -> float | None:
         from megatron.core.transformer.moe.moe_utils import (

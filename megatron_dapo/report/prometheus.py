@@ -41,6 +41,7 @@ class StepMetrics:
     entropy: float
     clip_fraction_low: float
     clip_fraction_high: float
+    dual_clip_fraction: float
     approx_kl: float
     reward_mean: float
     accuracy: float
@@ -58,6 +59,11 @@ class StepMetrics:
     grad_norm: float
     learning_rate: float
     trained_tokens: int
+    padding_ratio: float
+    """Padding tokens / packed row slots of the step's micro-batches (mean over optimizer
+    steps)."""
+    microbatches: int
+    """Micro-batches per data-parallel rank, summed over the step's optimizer steps."""
     phase_seconds: Mapping[str, float] = field(default_factory=dict)
     """Wall time per phase of the step; keys from `STEP_PHASES`. `reward` is the time of the
     reward calls, which run while other groups generate (it overlaps `generate`)."""
@@ -95,6 +101,8 @@ class TrainerMetricsExporter:
         self._advantage = gauge("advantage", "Advantage statistics", "stat")
         self._throughput = gauge("tokens_per_second", "Token throughput", "phase")
         self._phase = gauge("step_phase_seconds", "Wall time of the last step by phase", "phase")
+        self._padding = gauge("padding_ratio", "Padding share of the packed micro-batch rows")
+        self._microbatches = gauge("microbatches", "Micro-batches per data-parallel rank in a step")
         self._grad_norm = gauge("grad_norm", "Global gradient norm before clipping")
         self._lr = gauge("learning_rate", "Learning rate of the last optimizer step")
         self._moe_aux = gauge("moe_aux_loss", "MoE load-balancing auxiliary loss")
@@ -125,6 +133,7 @@ class TrainerMetricsExporter:
         self._entropy.labels(run).set(m.entropy)
         self._clip.labels(run, "low").set(m.clip_fraction_low)
         self._clip.labels(run, "high").set(m.clip_fraction_high)
+        self._clip.labels(run, "dual").set(m.dual_clip_fraction)
         self._kl.labels(run).set(m.approx_kl)
         self._reward.labels(run).set(m.reward_mean)
         self._accuracy.labels(run).set(m.accuracy)
@@ -139,6 +148,8 @@ class TrainerMetricsExporter:
             if phase not in STEP_PHASES:
                 raise ValueError(f"unknown step phase {phase!r}; expected one of {STEP_PHASES}")
             self._phase.labels(run, phase).set(seconds)
+        self._padding.labels(run).set(m.padding_ratio)
+        self._microbatches.labels(run).set(m.microbatches)
         self._grad_norm.labels(run).set(m.grad_norm)
         self._lr.labels(run).set(m.learning_rate)
         if m.moe_aux_loss is not None:

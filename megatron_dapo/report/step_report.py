@@ -48,6 +48,7 @@ def summarize_step(
         entropy=token_mean("entropy"),
         clip_fraction_low=token_mean("clip_fraction_low"),
         clip_fraction_high=token_mean("clip_fraction_high"),
+        dual_clip_fraction=token_mean("dual_clip_fraction"),
         approx_kl=token_mean("approx_kl"),
         reward_mean=float(batch.rewards.mean()),
         accuracy=stats.accuracy,
@@ -64,6 +65,8 @@ def summarize_step(
         grad_norm=optimizer_steps[-1].grad_norm,
         learning_rate=optimizer_steps[-1].lr,
         trained_tokens=trained_tokens,
+        padding_ratio=sum(o.padding_fraction for o in optimizer_steps) / len(optimizer_steps),
+        microbatches=sum(o.num_microbatches for o in optimizer_steps),
         phase_seconds={**phase_seconds, "reward": stats.reward_seconds},
         skipped_optimizer_steps=sum(not o.update_successful for o in optimizer_steps),
         moe_aux_loss=sum(aux) / len(aux) if aux else None,
@@ -83,7 +86,8 @@ def step_record(m: StepMetrics, stats: StepStats) -> dict[str, object]:
 
 class StepReporter:
     """Exports each step's metrics, appends them to `log_path` (JSON lines, flushed per step so a
-    crash loses nothing) and prints a progress bar and a summary line per step.
+    crash loses nothing) and prints a progress bar and a summary line every `metrics.log_every`
+    steps (and for the last step).
 
     A run that starts at `first_step` (resumed) first drops the log's records of steps
     >= `first_step`: a crash after the last checkpoint left them, and they are redone.
@@ -115,6 +119,10 @@ class StepReporter:
         self._exporter.record(m)
         self._log.write(json.dumps(step_record(m, stats)) + "\n")
         self._log.flush()
+        self._bar.update(1)
+        steps = self._config.training.steps
+        if (m.step + 1) % self._config.metrics.log_every and m.step + 1 < steps:
+            return
         kept = stats.kept
         problems = [
             f"{count} {what}"
@@ -127,7 +135,7 @@ class StepReporter:
             if count
         ]
         self._bar.write(
-            f"step {m.step + 1}/{self._config.training.steps} | reward {m.reward_mean:+.3f} "
+            f"step {m.step + 1}/{steps} | reward {m.reward_mean:+.3f} "
             f"acc {m.accuracy:.3f} | entropy {m.entropy:.3f} | clip lo/hi "
             f"{m.clip_fraction_low:.3f}/{m.clip_fraction_high:.3f} | "
             f"len {m.response_length_mean:.1f} (max {m.response_length_max:.0f}, "
@@ -137,7 +145,6 @@ class StepReporter:
             f"{m.training_tokens_per_second:.0f} tok/s | {m.step_seconds:.1f}s"
             + "".join(f" | {problem}" for problem in problems)
         )
-        self._bar.update(1)
 
     def close(self) -> None:
         self._bar.close()

@@ -7,10 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from megatron_dapo.algo.aggregation import broadcast_to_tokens
 from pipeline.advantages import (
     ADVANTAGE_ESTIMATORS,
     AdvantageConfig,
-    broadcast_to_tokens,
+    compute_advantages,
     dr_grpo_advantages,
     get_advantage_estimator,
     grpo_advantages,
@@ -68,7 +69,9 @@ def test_zero_std_groups_give_exact_zeros(name: str, std_eps: float) -> None:
 @pytest.mark.parametrize("unbiased_std", [True, False])
 def test_group_size_one_gives_zeros(name: str, unbiased_std: bool) -> None:
     rewards = torch.tensor([[1.0], [-1.0], [0.3]])
-    advantages = get_advantage_estimator(name)(rewards, AdvantageConfig(0.0, unbiased_std))
+    advantages = get_advantage_estimator(name)(
+        rewards, AdvantageConfig(std_eps=0.0, unbiased_std=unbiased_std)
+    )
     assert torch.equal(advantages, torch.zeros(3, 1))
 
 
@@ -79,8 +82,10 @@ def test_rejects_non_finite_rewards_and_bad_shapes() -> None:
         grpo_advantages(torch.ones(4), NO_EPS)
     with pytest.raises(ValueError, match="floating"):
         grpo_advantages(torch.ones(2, 2, dtype=torch.int64), NO_EPS)
-    with pytest.raises(ValueError, match="std_eps must be finite and >= 0, got -1"):
+    with pytest.raises(ValueError, match="std_eps\n  Input should be greater than or equal to 0"):
         AdvantageConfig(std_eps=-1.0)
+    with pytest.raises(ValueError, match="std_eps\n  Input should be a finite number"):
+        AdvantageConfig(std_eps=math.inf)
 
 
 def test_registry_lists_valid_names() -> None:
@@ -89,6 +94,20 @@ def test_registry_lists_valid_names() -> None:
         ValueError, match=r"unknown advantage estimator 'rloo'.*\['dr_grpo', 'grpo'\]"
     ):
         get_advantage_estimator("rloo")
+    with pytest.raises(ValueError, match=r"unknown advantage estimator 'rloo'"):
+        AdvantageConfig(estimator="rloo")
+
+
+def test_compute_advantages_runs_the_configured_estimator() -> None:
+    # R = [1, -1, -1, -1]: grpo (unbiased std 1) -> [1.5, -0.5, ...]; dr_grpo -> R - mean
+    rewards = torch.tensor([[1.0, -1.0, -1.0, -1.0]], dtype=torch.float64)
+    grpo = compute_advantages(rewards, AdvantageConfig(estimator="grpo", std_eps=0.0))
+    dr_grpo = compute_advantages(rewards, AdvantageConfig(estimator="dr_grpo"))
+    assert grpo.tolist() == [[1.5, -0.5, -0.5, -0.5]]
+    # population std sqrt(3)/2 plus std_eps 0.5: 1.5 / (0.8660254 + 0.5) = 1.0980762
+    eps = compute_advantages(rewards, AdvantageConfig(std_eps=0.5, unbiased_std=False))
+    assert eps[0, 0].item() == pytest.approx(1.5 / (math.sqrt(3) / 2 + 0.5))
+    assert dr_grpo.tolist() == [[1.5, -0.5, -0.5, -0.5]] and dr_grpo is not grpo
 
 
 def test_broadcast_to_tokens_packed_and_padded() -> None:

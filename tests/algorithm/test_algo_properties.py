@@ -14,8 +14,8 @@ from megatron_dapo.algo.aggregation import (
     count_loss_normalizers,
     get_loss_aggregation,
 )
+from megatron_dapo.algo.objective import ObjectiveConfig, policy_objective
 from megatron_dapo.algo.policy_loss import POLICY_LOSSES, PolicyLossConfig, get_policy_loss
-from megatron_dapo.algo.stats import ClipStats, clip_stats
 
 MAX_RESPONSE_LENGTH = 5
 PROPERTY_SETTINGS = settings(deadline=None, max_examples=50)
@@ -199,30 +199,31 @@ def test_clip_fractions_lie_in_unit_interval(
 ) -> None:
     responses = data.draw(responses_strategy(max_abs_log_ratio=3.0))
     batches = [pack(b) for b in micro_batches(responses, data.draw(split_points(len(responses))))]
+    normalizers = count_loss_normalizers(
+        [b.mask for b in batches], [b.sequence_ids for b in batches]
+    )
+    objective = ObjectiveConfig(loss_name, "token-mean", config)
     per_batch = []
     for batch in batches:
-        output = get_policy_loss(loss_name)(
-            batch.log_probs,
-            batch.old_log_probs,
-            batch.advantages,
-            batch.mask,
-            batch.sequence_ids,
-            config,
-        )
+        inputs = (batch.log_probs, batch.old_log_probs, batch.advantages, batch.mask)
+        output = get_policy_loss(loss_name)(*inputs, batch.sequence_ids, config)
         indicators = (output.clipped_low, output.clipped_high, output.dual_clipped)
         for indicator in indicators:
             assert not (indicator & ~batch.mask).any()
         assert not (output.clipped_low & output.clipped_high).any()
         assert not (output.dual_clipped & (output.clipped_low | output.clipped_high)).any()
-        per_batch.append(clip_stats(*indicators, batch.mask))
-    stats: ClipStats = per_batch[0]
+        entropy = torch.zeros_like(batch.log_probs)
+        _, stats = policy_objective(
+            *inputs[:1], entropy, *inputs[1:], batch.sequence_ids, normalizers, objective
+        )
+        assert stats.clipped_low.item() == int(output.clipped_low.sum())
+        per_batch.append(stats)
+    stats = per_batch[0]
     for other in per_batch[1:]:
-        stats = stats.merge(other)
-    fractions = [stats.low_fraction(), stats.high_fraction(), stats.dual_fraction()]
-    total = stats.total_fraction()
-    assert all(0.0 <= f.item() <= total.item() <= 1.0 for f in fractions)
-    assert total.item() == pytest.approx(sum(f.item() for f in fractions))
-    assert stats.num_tokens.item() == int(sum(b.mask.sum() for b in batches))
+        stats = stats + other
+    fractions = [stats.clip_fraction_low(), stats.clip_fraction_high(), stats.dual_clip_fraction()]
+    assert all(0.0 <= f <= 1.0 for f in fractions) and sum(fractions) <= 1.0 + 1e-12
+    assert stats.num_tokens.item() == normalizers.num_tokens
 
 
 @PROPERTY_SETTINGS

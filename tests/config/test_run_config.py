@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pydantic
 import pytest
 
 from megatron_dapo.algo.aggregation import LOSS_AGGREGATIONS
-from megatron_dapo.algo.policy_loss import POLICY_LOSSES
+from megatron_dapo.algo.policy_loss import PAPER_RECIPES, POLICY_LOSSES
 from megatron_dapo.config.loading import ConfigError, load_config
-from megatron_dapo.config.schema import (
-    ADVANTAGE_ESTIMATOR_NAMES,
-    LOSS_AGGREGATION_NAMES,
-    POLICY_LOSS_NAMES,
-    RunConfig,
-)
-from pipeline.advantages import ADVANTAGE_ESTIMATORS
+from megatron_dapo.config.schema import AlgorithmConfig, RunConfig
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -120,7 +115,7 @@ def test_bad_value_names_file_line_key_value_and_expectation(tmp_path: Path) -> 
         load_config(path)
     message = str(err.value)
     assert f"{path}:{_line_of(path, 'eps_low')}: algorithm.eps_low = 1.5" in message
-    assert "less than 1" in message
+    assert "eps_low must be in [0, 1), got 1.5" in message
 
 
 def test_wrong_type_and_bad_literal_are_reported_together(tmp_path: Path) -> None:
@@ -128,7 +123,8 @@ def test_wrong_type_and_bad_literal_are_reported_together(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as err:
         load_config(path, ["training.steps=many"])
     message = str(err.value)
-    assert "algorithm.policy_loss = 'ppo'" in message and "'dapo'" in message
+    assert "algorithm.policy_loss = 'ppo': unknown policy loss 'ppo'; valid names:" in message
+    assert "'dapo'" in message
     assert "override 'training.steps=many': training.steps = 'many'" in message
 
 
@@ -182,7 +178,68 @@ def test_configs_are_immutable() -> None:
         cfg.algorithm.eps_high = 0.5  # type: ignore[misc]
 
 
-def test_config_names_match_the_algorithm_registries() -> None:
-    assert set(POLICY_LOSS_NAMES) == set(POLICY_LOSSES)
-    assert set(ADVANTAGE_ESTIMATOR_NAMES) == set(ADVANTAGE_ESTIMATORS)
-    assert set(LOSS_AGGREGATION_NAMES) == set(LOSS_AGGREGATIONS)
+@pytest.mark.parametrize("policy_loss", sorted(POLICY_LOSSES))
+def test_a_policy_loss_alone_brings_its_paper_recipe(policy_loss: str) -> None:
+    algorithm = AlgorithmConfig(policy_loss=policy_loss)
+    recipe = PAPER_RECIPES[policy_loss]
+    assert algorithm.advantage.estimator == recipe.advantage_estimator
+    assert algorithm.loss_aggregation == recipe.loss_aggregation
+    assert algorithm.loss_aggregation in LOSS_AGGREGATIONS
+
+
+def test_dr_grpo_alone_runs_dr_grpo_not_grpo() -> None:
+    unset = ["algorithm.advantage.estimator=null", "algorithm.loss_aggregation=null"]
+    cfg = load_config(DEMO, ["algorithm.policy_loss=dr_grpo", *unset])
+    algorithm = cfg.algorithm
+    assert (algorithm.advantage.estimator, algorithm.loss_aggregation) == (
+        "dr_grpo",
+        "seq-mean-token-sum-norm",
+    )
+    assert cfg.data_plane_config().advantage.estimator == "dr_grpo"
+    assert cfg.loss_norm_constant == cfg.rollout.max_response_length
+
+
+def test_a_pairing_against_the_recipe_names_the_paper(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, ["algorithm.policy_loss=dr_grpo"])  # the demo sets grpo, token-mean
+    message = str(err.value)
+    assert "policy_loss 'dr_grpo' is Dr. GRPO (arXiv 2503.20783)" in message
+    assert "advantage_estimator 'grpo' (the recipe has 'dr_grpo')" in message
+    assert "loss_aggregation 'token-mean' (the recipe has 'seq-mean-token-sum-norm')" in message
+    with pytest.raises(ConfigError, match="GSPO .*loss_aggregation 'token-mean'"):
+        load_config(DEMO, ["algorithm.policy_loss=gspo"])
+    # ablations keep the free choices: clip-higher with the sample-level loss (DAPO Table 1)
+    ablation = load_config(DEMO, ["algorithm.loss_aggregation=seq-mean-token-mean"])
+    assert ablation.algorithm.objective_at(0).loss_aggregation == "seq-mean-token-mean"
+
+
+def test_advantage_options_reach_the_data_plane() -> None:
+    cfg = load_config(
+        DEMO, ["algorithm.advantage.std_eps=0.01", "algorithm.advantage.unbiased_std=false"]
+    )
+    sections = cfg.data_plane_config()
+    assert (sections.advantage.std_eps, sections.advantage.unbiased_std) == (0.01, False)
+    assert sections.groups_per_step == cfg.training.prompts_per_step
+    assert sections.sampling is cfg.algorithm.dynamic_sampling and sections.rollout is cfg.rollout
+    with pytest.raises(ConfigError, match="algorithm.advantage.estimator = 'rloo': unknown"):
+        load_config(DEMO, ["algorithm.advantage.estimator=rloo"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["algorithm.kl_coef=0.1"], "a KL penalty needs a reference policy"),
+        (["rollout.temperature=0"], "rollout.temperature=0.0 must be > 0"),
+        (["algorithm.dual_clip_c=1.0"], "dual_clip_c must be finite and > 1, got 1.0"),
+        (["algorithm.eps_high_end=-0.1"], "eps_high_end must be finite and >= 0, got -0.1"),
+        (
+            ["algorithm.eps_high_schedule=linear", "algorithm.eps_high_schedule_steps=10"],
+            "eps_high_schedule='linear' with eps_high_end=None, eps_high_schedule_steps=10: "
+            "EpsHighSchedule.end is required",
+        ),
+        (["algorithm.eps_high_schedule=step"], "Input should be 'constant', 'linear' or 'cosine'"),
+    ],
+)
+def test_algorithm_rules_are_checked_at_load_time(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(DEMO, overrides)

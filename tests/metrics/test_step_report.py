@@ -2,29 +2,38 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
+from megatron_dapo.config.loading import load_config
 from megatron_dapo.mcore.policy_step import OptimizerStepMetrics
-from megatron_dapo.report.step_report import summarize_step
+from megatron_dapo.report.prometheus import TrainerMetricsExporter
+from megatron_dapo.report.step_report import StepReporter, summarize_step
 from pipeline.dynamic_sampling import StepStats
 from pipeline.train_batch import TrainBatch
+from tests.metrics.step_metrics_example import example_step_metrics
+
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo-cpu.yaml"
 
 
-def _optimizer_step(tokens: int, entropy: float, clip_high: float, loss: float):
+def _optimizer_step(
+    tokens: int, entropy: float, clip_high: float, loss: float, dual: float = 0.0
+) -> OptimizerStepMetrics:
     return OptimizerStepMetrics(
         loss=loss,
         clip_fraction_low=0.0,
         clip_fraction_high=clip_high,
-        dual_clip_fraction=0.0,
+        dual_clip_fraction=dual,
         entropy=entropy,
         approx_kl=0.0,
         grad_norm=0.5,
         lr=1e-3,
         num_loss_tokens=tokens,
-        num_sequences=2,
-        num_microbatches=1,
-        padding_fraction=0.0,
+        num_microbatches=2,
+        padding_fraction=tokens / 100,
         update_successful=True,
         moe_aux_loss=0.01,
         expert_load=[[3, 1], [2, 2]],
@@ -50,12 +59,14 @@ def _batch() -> TrainBatch:
 def test_summary_weights_token_means_and_reads_the_queue() -> None:
     stats = StepStats(generated_samples=8, correct_samples=2, generated_tokens=40)
     stats.generation_seconds, stats.reward_seconds = 4.0, 1.5
-    steps = [_optimizer_step(30, 2.0, 0.1, 0.4), _optimizer_step(10, 1.0, 0.5, 0.2)]
+    steps = [_optimizer_step(30, 2.0, 0.1, 0.4, 0.2), _optimizer_step(10, 1.0, 0.5, 0.2)]
     m = summarize_step(5, _batch(), stats, steps, {"generate": 4.0, "train": 2.0})
     assert m.step == 5
     assert m.entropy == pytest.approx((30 * 2.0 + 10 * 1.0) / 40)
     assert m.clip_fraction_high == pytest.approx((30 * 0.1 + 10 * 0.5) / 40)
+    assert m.dual_clip_fraction == pytest.approx(30 * 0.2 / 40)
     assert m.loss == pytest.approx(0.3)
+    assert m.padding_ratio == pytest.approx((0.3 + 0.1) / 2) and m.microbatches == 4
     assert m.accuracy == pytest.approx(2 / 8)  # all generated responses, not only kept ones
     assert (m.response_length_mean, m.response_length_max, m.response_length_min) == (2, 3, 1)
     assert m.truncated_ratio == 0.5 and m.reward_mean == pytest.approx(0.25)
@@ -64,3 +75,19 @@ def test_summary_weights_token_means_and_reads_the_queue() -> None:
     assert m.moe_expert_load == pytest.approx((10 / 16, 6 / 16))  # summed over layers and steps
     assert m.phase_seconds == {"generate": 4.0, "train": 2.0, "reward": 1.5}
     assert m.step_seconds == 6.0  # reward calls overlap generation
+
+
+def test_reporter_logs_every_step_and_prints_every_log_every_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = load_config(DEMO, ["training.steps=5", "metrics.log_every=3"])
+    registry = CollectorRegistry()
+    log = tmp_path / "metrics.jsonl"
+    reporter = StepReporter(config, TrainerMetricsExporter("r", registry), log)
+    for step in range(5):
+        reporter.report(example_step_metrics(step), StepStats(kept=16, generated_groups=20))
+    reporter.close()
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(" |")[0] for line in printed] == ["step 3/5", "step 5/5"]
+    assert len(log.read_text().splitlines()) == 5  # the log and Prometheus get every step
+    assert registry.get_sample_value("dapo_step", {"run": "r"}) == 4

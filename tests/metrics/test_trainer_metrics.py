@@ -24,6 +24,8 @@ def test_record_sets_every_series() -> None:
     assert value("dapo_policy_entropy_nats") == 1.5
     assert value("dapo_clip_fraction_ratio", bound="high") == 0.04
     assert value("dapo_clip_fraction_ratio", bound="low") == 0.01
+    assert value("dapo_clip_fraction_ratio", bound="dual") == 0.005
+    assert value("dapo_padding_ratio") == 0.02 and value("dapo_microbatches") == 3
     assert value("dapo_response_length_tokens", stat="max") == 32
     assert value("dapo_advantage", stat="min") == -1.7
     assert value("dapo_tokens_per_second", phase="generate") == 150.0

@@ -7,7 +7,6 @@ response texts (one character per token); a response is correct iff it starts wi
 from __future__ import annotations
 
 import asyncio
-import functools
 import importlib
 import logging
 import pickle
@@ -17,7 +16,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from pipeline.advantages import AdvantageConfig, grpo_advantages
+from pipeline.advantages import AdvantageConfig
 from pipeline.config import DynamicSamplingConfig, OverlongConfig, RolloutConfig
 from pipeline.dynamic_sampling import (
     DynamicSamplingQueue,
@@ -122,7 +121,7 @@ def make_queue(
         engine=engine,
         scorer=scorer or FunctionScorer(yes_reward),
         decode=lambda ids: "".join(map(chr, ids)),
-        advantage_fn=functools.partial(grpo_advantages, config=AdvantageConfig()),
+        advantage=AdvantageConfig(),
         num_groups=num_groups,
         rollout=RolloutConfig(
             n_samples_per_prompt=G,

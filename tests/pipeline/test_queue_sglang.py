@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from pipeline.advantages import AdvantageConfig, dr_grpo_advantages
+from pipeline.advantages import AdvantageConfig
 from pipeline.config import DynamicSamplingConfig, OverlongConfig, RolloutConfig
 from pipeline.dynamic_sampling import DynamicSamplingQueue
 from pipeline.prompts import PromptRow, PromptSource
@@ -32,9 +32,6 @@ def test_queue_fills_batches_from_the_fleet_across_a_weight_update(
     tokenizer = AutoTokenizer.from_pretrained(tiny_models.base)
     rows = [PromptRow([{"role": "user", "content": f"Count to {i}."}], "") for i in range(64)]
 
-    def advantages(rewards: torch.Tensor) -> torch.Tensor:
-        return dr_grpo_advantages(rewards, AdvantageConfig())
-
     async def main():
         async with aiohttp.ClientSession() as session:
             client = RolloutClient([SGLangServerClient(u, session, 8, 120.0) for u in live_urls])
@@ -43,7 +40,7 @@ def test_queue_fills_batches_from_the_fleet_across_a_weight_update(
                 engine=client,
                 scorer=FunctionScorer(first_char_is_a_letter),
                 decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                advantage_fn=advantages,
+                advantage=AdvantageConfig(estimator="dr_grpo"),
                 num_groups=2,
                 rollout=RolloutConfig(n_samples_per_prompt=G, max_response_length=12),
                 sampling=DynamicSamplingConfig(max_generation_rounds=8),

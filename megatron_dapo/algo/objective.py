@@ -1,0 +1,172 @@
+"""The policy objective of one micro-batch: a pure function of tensors.
+
+    share, stats = policy_objective(log_probs, entropy, old_log_probs, advantages,
+                                    loss_mask, sequence_ids, normalizers, config)
+
+`share` is the micro-batch's exact share of the mini-batch loss (to minimise): the per-token
+policy loss named by `config.policy_loss`, minus `entropy_coef` times the token entropy,
+reduced by `config.loss_aggregation` with the GLOBAL normalisers of the optimizer step
+(`aggregation.LossNormalizers`). Summing the shares of every micro-batch on every data-parallel
+rank gives the mini-batch loss and its gradient however the batch was split.
+
+`stats` are the objective's statistics as sums over the micro-batch's loss tokens
+(`ObjectiveStats`): micro-batches are combined with `+`, ranks by all-reducing
+`as_tensor()` with SUM; the ratios (`clip_fraction_low()`, `mean_entropy()`, ...) divide only
+at the end.
+
+Token layout as in `policy_loss`: every token tensor has one shape (packed `[N]` or padded
+`[B, S]`); log-probs and entropies in nats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from megatron_dapo.algo.aggregation import LossNormalizers, get_loss_aggregation
+from megatron_dapo.algo.kl import k3_estimator
+from megatron_dapo.algo.policy_loss import PolicyLossConfig, get_policy_loss
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """The objective of one optimizer step (built once per step from the run config).
+
+    Attributes:
+        policy_loss: registered policy loss name (`policy_loss.POLICY_LOSSES`).
+        loss_aggregation: registered aggregation name (`aggregation.LOSS_AGGREGATIONS`).
+        loss: the loss hyper-parameters at this step (eps_high already scheduled).
+        entropy_coef: weight of the entropy bonus (>= 0; 0 = none, DAPO's choice).
+    """
+
+    policy_loss: str
+    loss_aggregation: str
+    loss: PolicyLossConfig
+    entropy_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        get_policy_loss(self.policy_loss)  # ValueError listing the valid names
+        get_loss_aggregation(self.loss_aggregation)
+        if not self.entropy_coef >= 0.0:
+            raise ValueError(f"ObjectiveConfig.entropy_coef must be >= 0, got {self.entropy_coef}")
+
+
+@dataclass(frozen=True)
+class ObjectiveStats:
+    """Statistics of the objective as sums over loss tokens (0-dim float64 tensors, detached).
+
+    Reduce over micro-batches with `+` and over ranks by all-reducing `as_tensor()` with SUM.
+
+    Attributes:
+        loss: sum of the micro-batches' loss shares (the global loss, once all are summed).
+        num_tokens: loss tokens.
+        clipped_low: loss tokens with A < 0 clipped at 1 - eps_low.
+        clipped_high: loss tokens with A > 0 clipped at 1 + eps_high.
+        dual_clipped: loss tokens with A < 0 capped by the dual clip.
+        entropy: summed policy entropy of the loss tokens (nats).
+        approx_kl: summed k3 estimate of KL(pi_old || pi_theta) of the loss tokens (nats).
+    """
+
+    loss: torch.Tensor
+    num_tokens: torch.Tensor
+    clipped_low: torch.Tensor
+    clipped_high: torch.Tensor
+    dual_clipped: torch.Tensor
+    entropy: torch.Tensor
+    approx_kl: torch.Tensor
+
+    def _values(self) -> list[torch.Tensor]:
+        return [getattr(self, field.name) for field in fields(self)]
+
+    def __add__(self, other: ObjectiveStats) -> ObjectiveStats:
+        pairs = zip(self._values(), other._values(), strict=True)
+        return ObjectiveStats(*(a + b for a, b in pairs))
+
+    def as_tensor(self) -> torch.Tensor:
+        """`[len(fields)]` float64, in field order: the one tensor to all-reduce with SUM."""
+        return torch.stack([value.to(torch.float64) for value in self._values()])
+
+    @classmethod
+    def from_tensor(cls, values: torch.Tensor) -> ObjectiveStats:
+        """Inverse of `as_tensor`."""
+        if values.shape != (len(fields(cls)),):
+            raise ValueError(
+                f"expected {len(fields(cls))} statistics, got shape {tuple(values.shape)}"
+            )
+        return cls(*values.to(torch.float64).unbind())
+
+    def _per_token(self, total: torch.Tensor) -> float:
+        return float(total / self.num_tokens.clamp(min=1))
+
+    def clip_fraction_low(self) -> float:
+        """Fraction in [0, 1] of loss tokens clipped at 1 - eps_low."""
+        return self._per_token(self.clipped_low)
+
+    def clip_fraction_high(self) -> float:
+        """Fraction in [0, 1] of loss tokens clipped at 1 + eps_high."""
+        return self._per_token(self.clipped_high)
+
+    def dual_clip_fraction(self) -> float:
+        """Fraction in [0, 1] of loss tokens capped by the dual clip."""
+        return self._per_token(self.dual_clipped)
+
+    def mean_entropy(self) -> float:
+        """Mean policy entropy per loss token (nats); 0 without loss tokens."""
+        return self._per_token(self.entropy)
+
+    def mean_approx_kl(self) -> float:
+        """Mean k3 estimate of KL(pi_old || pi_theta) per loss token (nats)."""
+        return self._per_token(self.approx_kl)
+
+
+def policy_objective(
+    log_probs: torch.Tensor,
+    entropy: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    sequence_ids: torch.Tensor,
+    normalizers: LossNormalizers,
+    config: ObjectiveConfig,
+) -> tuple[torch.Tensor, ObjectiveStats]:
+    """One micro-batch's share of the global objective, and its statistics.
+
+    Args:
+        log_probs: log pi_theta of the sampled tokens (nats), differentiable.
+        entropy: policy entropy per token (nats); differentiable if `entropy_coef > 0`.
+        old_log_probs: log pi_old of the same tokens (nats).
+        advantages: each token's sequence advantage.
+        loss_mask: nonzero = loss token.
+        sequence_ids: int64 index of each token's sequence within the micro-batch.
+        normalizers: the optimizer step's global loss normalisers.
+        config: the objective of this optimizer step.
+
+    Returns:
+        share: 0-dim loss share (advantage units), differentiable w.r.t. `log_probs`.
+        stats: the micro-batch's `ObjectiveStats`.
+    """
+    policy = get_policy_loss(config.policy_loss)(
+        log_probs, old_log_probs, advantages, loss_mask, sequence_ids, config.loss
+    )
+    mask = loss_mask.bool()
+    token_loss = policy.token_loss
+    if config.entropy_coef > 0:
+        token_loss = token_loss - config.entropy_coef * torch.where(mask, entropy, 0)
+    share = get_loss_aggregation(config.loss_aggregation)(
+        token_loss, mask, sequence_ids, normalizers
+    )
+
+    def masked_sum(values: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, values.detach(), 0).sum(dtype=torch.float64)
+
+    stats = ObjectiveStats(
+        loss=share.detach().to(torch.float64),
+        num_tokens=masked_sum(torch.ones_like(log_probs)),
+        clipped_low=masked_sum(policy.clipped_low),
+        clipped_high=masked_sum(policy.clipped_high),
+        dual_clipped=masked_sum(policy.dual_clipped),
+        entropy=masked_sum(entropy),
+        approx_kl=masked_sum(k3_estimator(policy.log_ratio)),
+    )
+    return share, stats

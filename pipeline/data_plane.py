@@ -1,0 +1,172 @@
+"""The data plane of a run, as the trainer's rank 0 drives it.
+
+    plane = DataPlane(run_config.data_plane_config(), model_path, run_dir, registry)
+    batch, stats = plane.next_batch(policy_version)     # generate, score, filter, advantages
+    plane.update_weights(path, version)                 # or plane.push_weights(tensors, version)
+    plane.close()                                       # servers stopped by PID
+
+It runs on an asyncio loop in a daemon thread and offers blocking calls. It owns the fleet, the
+HTTP session, the prompt source, the reward scorer, the dynamic-sampling queue and the
+weight-sync strategy. It is handed `DataPlaneConfig`, the sections it needs, never the run
+configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from pipeline.advantages import AdvantageConfig
+from pipeline.config import (
+    DataConfig,
+    DynamicSamplingConfig,
+    RewardConfig,
+    RolloutConfig,
+    Section,
+)
+
+if TYPE_CHECKING:  # the run config imports this module: keep its import light
+    from prometheus_client import CollectorRegistry
+
+    from pipeline.dynamic_sampling import StepStats
+    from pipeline.train_batch import TrainBatch
+
+T = TypeVar("T")
+
+
+class DataPlaneConfig(Section):
+    """What the data plane runs on: its own sections of the run configuration."""
+
+    rollout: RolloutConfig
+    data: DataConfig
+    reward: RewardConfig
+    sampling: DynamicSamplingConfig
+    advantage: AdvantageConfig
+    groups_per_step: int
+    """Groups (prompts) in the training batch of one step."""
+    run_name: str
+    """The `run` label of the queue and fleet series."""
+
+
+class DataPlane:
+    """Rank 0's data plane on an asyncio loop in a daemon thread; see the module docstring."""
+
+    def __init__(
+        self,
+        config: DataPlaneConfig,
+        model_path: Path,
+        run_dir: Path,
+        registry: CollectorRegistry,
+    ):
+        from pipeline.fleet import EmbeddedFleetOptions, RolloutFleet
+
+        self.config = config
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        embedded = EmbeddedFleetOptions(
+            model_path=str(model_path),
+            log_dir=run_dir / "fleet",
+            cpu_defaults=not torch.cuda.is_available(),  # GPU servers keep SGLang's defaults
+        )
+        self.fleet = RolloutFleet(config.rollout, embedded)
+        self.fleet.start()
+        try:
+            self._run(self._open(model_path, registry))
+        except BaseException:
+            self.close()
+            raise
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        return future.result()
+
+    async def _open(self, model_path: Path, registry: CollectorRegistry) -> None:
+        import aiohttp
+        from transformers import AutoTokenizer
+
+        from pipeline.dynamic_sampling import DynamicSamplingQueue
+        from pipeline.metrics import FleetMetrics, QueueMetrics
+        from pipeline.prompts import PromptSource
+        from pipeline.rewards import get_reward_scorer
+
+        config = self.config
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self._session = aiohttp.ClientSession()
+        self.client = self.fleet.client(self._session, FleetMetrics(registry, run=config.run_name))
+        self.scorer = get_reward_scorer(
+            config.reward.function, config.reward.num_workers, config.reward.timeout_s
+        )
+        self.queue = DynamicSamplingQueue(
+            prompts=PromptSource.from_config(config.data, tokenizer),
+            engine=self.client,
+            scorer=self.scorer,
+            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+            advantage=config.advantage,
+            num_groups=config.groups_per_step,
+            rollout=config.rollout,
+            sampling=config.sampling,
+            overlong=config.reward.overlong,
+            metrics=QueueMetrics(registry, run=config.run_name),
+        )
+        self.broadcaster = None
+        if config.rollout.weight_sync == "distributed":
+            from pipeline.sglang_server import free_port
+            from pipeline.weight_broadcast import WeightBroadcaster
+
+            address = config.rollout.weight_sync_address or (
+                "127.0.0.1" if config.rollout.mode == "embedded" else socket.getfqdn()
+            )
+            self.broadcaster = WeightBroadcaster(self.client, address, free_port(address))
+            await self.broadcaster.connect()
+
+    def next_batch(self, policy_version: int) -> tuple[TrainBatch, StepStats]:
+        """(TrainBatch, StepStats) of the next step, generated by `policy_version` or fresher."""
+        return self._run(self.queue.next_batch(policy_version))
+
+    def update_weights(self, path: Path, version: int) -> None:
+        """Every server loads the HF checkpoint at `path` as `version` (generation paused)."""
+        self._run(self.client.update_weights_from_disk(str(path), version))
+
+    def push_weights(self, named_tensors: list[tuple[str, Any]], version: int) -> None:
+        """Every server loads `named_tensors` (HF names) as `version`: over the broadcast
+        group (`rollout.weight_sync=distributed`) or serialized in the request (`tensor`)."""
+        from pipeline.sglang_client import serialize_named_tensors
+
+        if self.broadcaster is not None:
+            self._run(self.broadcaster.push(named_tensors, version))
+        else:
+            payload = serialize_named_tensors(named_tensors)
+            self._run(self.client.update_weights_from_tensor(payload, version))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The queue's state (prompt position, carried groups, counters), between steps."""
+        return self.queue.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.queue.load_state_dict(state)
+
+    def close(self) -> None:
+        """Stop the queue, the scorer's workers, the session and the servers (by PID)."""
+        try:
+            if hasattr(self, "queue"):
+                self._run(self.queue.close())
+            if hasattr(self, "client"):
+                self._run(self.client.close())  # cancels re-probes of failed servers
+            if getattr(self, "broadcaster", None) is not None:
+                self._run(self.broadcaster.close())
+            if hasattr(self, "_session"):
+                self._run(self._session.close())
+        finally:
+            if hasattr(self, "scorer"):
+                self.scorer.close()
+            self.fleet.stop()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
