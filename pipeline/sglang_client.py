@@ -1,13 +1,14 @@
 """Asyncio HTTP client of one SGLang server (0.5.23 native API).
 
 `SGLangServerClient` speaks to one server: `/generate` with token ids and per-token sampling
-log-probs, `/abort_request`, `/flush_cache`, `/health_generate`, and the weight-update
-endpoints. It bounds the requests outstanding on its server (back-pressure), applies a
-per-request timeout, and retries timeouts and 5xx answers with exponential backoff. A
-connection failure on a server that no longer answers `/health` raises `ServerUnavailable`
-at once, so the fleet (`pipeline.rollout_client`) can re-issue the request elsewhere. A 2xx
-answer that does not follow the `/generate` schema raises `MalformedResponse` naming the server
-and the problem, without retrying (such a server is broken or of another version, not busy).
+log-probs (or, prefill only, the log-probs of a given sequence), `/abort_request`,
+`/flush_cache`, `/health_generate`, and the weight-update endpoints. It bounds the requests
+outstanding on its server (back-pressure), applies a per-request timeout, and retries timeouts
+and 5xx answers with exponential backoff. A connection failure on a server that no longer
+answers `/health` raises `ServerUnavailable` at once, so the fleet (`pipeline.rollout_client`)
+can re-issue the request elsewhere. A 2xx answer that does not follow the `/generate` schema
+raises `MalformedResponse` naming the server and the problem, without retrying (such a server
+is broken or of another version, not busy).
 
 Schemas: `sglang/srt/managers/io_struct.py` (`GenerateReqInput`, `UpdateWeightFromDiskReqInput`,
 `InitWeightsUpdateGroupReqInput`, `UpdateWeightsFromDistributedReqInput`,
@@ -209,30 +210,68 @@ class SGLangServerClient:
             await asyncio.sleep(self.retry.delay(attempt))
             attempt += 1
 
-    async def generate(
-        self, input_ids: Sequence[int], params: SamplingParams, rid: str | None = None
-    ) -> Generation:
-        """Generate one response to `input_ids` ([P] token ids), waiting for a free slot."""
+    async def _post_generate(self, payload: dict[str, Any]) -> Any:
+        """POST `/generate` once a slot is free (counted as in flight meanwhile)."""
         async with self._slots:
             self.inflight += 1
             self.metrics.inflight_requests.labels(self.url).inc()
             try:
-                body = await self._post(
-                    "/generate",
-                    {
-                        "input_ids": list(input_ids),
-                        "sampling_params": params.to_json(),
-                        "return_logprob": True,
-                        "rid": rid or uuid.uuid4().hex,
-                    },
-                )
+                return await self._post("/generate", payload)
             finally:
                 self.inflight -= 1
                 self.metrics.inflight_requests.labels(self.url).dec()
+
+    async def generate(
+        self, input_ids: Sequence[int], params: SamplingParams, rid: str | None = None
+    ) -> Generation:
+        """Generate one response to `input_ids` ([P] token ids), waiting for a free slot."""
+        body = await self._post_generate(
+            {
+                "input_ids": list(input_ids),
+                "sampling_params": params.to_json(),
+                "return_logprob": True,
+                "rid": rid or uuid.uuid4().hex,
+            }
+        )
         generation = Generation.from_response(body, self.url)
         self.metrics.requests.labels(self.url).inc()
         self.metrics.generated_tokens.inc(len(generation.output_ids))
         return generation
+
+    async def sequence_logprobs(self, input_ids: Sequence[int]) -> tuple[float, ...]:
+        """[L - 1] log p(input_ids[t] | input_ids[:t]) for t = 1..L-1, nats, under the served
+        weights: a prefill of the L given token ids, nothing sampled.
+
+        The whole sequence is recomputed (`logprob_start_len` 0 allows no radix-cache reuse), so
+        equal weights give equal log-probs whatever was served before.
+
+        Raises:
+            MalformedResponse: the answer has no input log-prob per token.
+        """
+        if len(input_ids) < 2:
+            raise ValueError("sequence_logprobs needs at least 2 tokens")
+        body = await self._post_generate(
+            {
+                "input_ids": list(input_ids),
+                "sampling_params": {"max_new_tokens": 0},
+                "return_logprob": True,
+                "logprob_start_len": 0,
+                "rid": uuid.uuid4().hex,
+            }
+        )
+        try:
+            entries = body["meta_info"]["input_token_logprobs"]  # [[logprob, id, text]] * L
+            logprobs = tuple(float(entry[0]) for entry in entries[1:])  # the first is null
+            ids = [int(entry[1]) for entry in entries]
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise MalformedResponse(
+                f"{self.url}/generate answered without input log-probs ({error!r}): "
+                f"{str(body)[:200]!r}"
+            ) from error
+        if ids != list(input_ids):
+            raise MalformedResponse(f"{self.url}/generate scored other tokens than it was given")
+        self.metrics.requests.labels(self.url).inc()
+        return logprobs
 
     async def abort(self, rid: str | None = None) -> None:
         """Abort request `rid`, or every request on the server when `rid` is None; the

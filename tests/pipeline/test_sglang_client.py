@@ -1,8 +1,8 @@
 """The SGLang client against real CPU servers of a tiny random-weight model.
 
-Sampling log-probs are checked against an independent forward pass of the same weights in
-`transformers`; weight updates (disk, gloo broadcast, tensors) are checked by the log-probs
-then matching the other policy.
+Sampling log-probs (and the prefill log-probs of a given sequence) are checked against an
+independent forward pass of the same weights in `transformers`; weight updates (disk, gloo
+broadcast, tensors) are checked by the log-probs then matching the other policy.
 """
 
 from __future__ import annotations
@@ -90,6 +90,20 @@ def test_generate_logprobs_match_transformers_and_finish_reasons(
     assert len({g.output_ids for g in samples}) > 1, "temperature 1 should give distinct samples"
     assert (truncated.finish_reason, len(truncated.output_ids)) == ("length", 6)
     assert (stopped.finish_reason, len(stopped.output_ids)) == ("stop", 1)
+
+
+def test_sequence_logprobs_match_transformers(tiny_models, live_urls, reference_logprobs):
+    prompt = prompt_ids(tiny_models.base)
+    response = AutoTokenizer.from_pretrained(tiny_models.base).encode("12 + 30 = 42.")
+
+    async def body(client: RolloutClient) -> tuple[float, ...]:
+        return await client.workers[0].sequence_logprobs(prompt + response)
+
+    scores = run_with_client(live_urls, body)
+    assert len(scores) == len(prompt) + len(response) - 1
+    expected = reference_logprobs(tiny_models.base, prompt, response)
+    got = torch.tensor(scores[len(prompt) - 1 :], dtype=torch.float64)
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)
 
 
 def test_abort_ends_a_running_request(tiny_models, live_urls):
