@@ -8,7 +8,8 @@
              fleet serves the policy's version (re-synced when resumed or in cluster mode).
     step k:  rank 0   queue.next_batch(k) -> TrainBatch (generate, score, filter, advantages)
              all      receive the TrainBatch (broadcast from rank 0)
-             all      PolicyTrainer.train: one optimizer step per mini-batch
+             all      PolicyTrainer.train: pi_old recomputed by a forward pass over the batch
+                      (`algorithm.old_log_probs`), then one optimizer step per mini-batch
              all      gather the new weights (collective); rank 0 hands them to the fleet as
                       version k + 1 (`rollout.weight_sync`: HF checkpoint on disk, broadcast
                       group, or serialized tensors); metrics, progress and a summary line
@@ -205,7 +206,7 @@ def run(config: RunConfig) -> None:
             batch, stats = data_plane.next_batch(version) if data_plane else (None, None)
             generated = time.perf_counter()
             batch = _broadcast_from_rank0(batch)
-            optimizer_steps = trainer.train(batch)
+            trained_batch = trainer.train(batch)  # pi_old recomputed, then the optimizer steps
             if inspector is not None:
                 inspector.step()
             trained = time.perf_counter()
@@ -217,7 +218,7 @@ def run(config: RunConfig) -> None:
                     "train": trained - generated,
                     "weight_sync": synced - trained,
                 }
-                metrics = summarize_step(version, batch, stats, optimizer_steps, phases)
+                metrics = summarize_step(version, batch, stats, trained_batch, phases)
                 reporter.report(metrics, stats)
             interval = config.checkpoint.save_interval
             if interval and (version + 1) % interval == 0 and version + 1 < steps:

@@ -519,7 +519,7 @@ class DynamicSamplingQueue:
             tokens=torch.tensor(tokens, dtype=torch.int64),
             sample_offsets=torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0),
             prompt_lengths=torch.tensor(prompt_lengths, dtype=torch.int64),
-            old_log_probs=torch.tensor(log_probs, dtype=torch.float32),
+            rollout_log_probs=torch.tensor(log_probs, dtype=torch.float32),
             loss_mask=torch.tensor(loss_mask, dtype=torch.bool),
             advantages=advantages.reshape(-1).to(torch.float32),
             rewards=rewards.reshape(-1),

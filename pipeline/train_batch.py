@@ -5,8 +5,8 @@ A batch holds S samples (prompt + response each), packed back to back without pa
     tokens            [N]    int64   prompt and response token ids of every sample, concatenated
     sample_offsets    [S+1]  int64   sample i occupies tokens[sample_offsets[i]:sample_offsets[i+1]]
     prompt_lengths    [S]    int64   the first prompt_lengths[i] tokens of sample i are its prompt
-    old_log_probs     [N]    float32 sampling log-probability (nats) of each response token under
-                                     the policy that generated it; 0 at prompt positions
+    rollout_log_probs [N]    float32 sampling log-probability (nats) of each response token under
+                                     the fleet's policy that generated it; 0 at prompt positions
     loss_mask         [N]    bool    True at response tokens that contribute to the loss (False at
                                      prompt tokens and in overlong-filtered responses)
     advantages        [S]    float32 one advantage per sample (the same for all its tokens)
@@ -16,7 +16,7 @@ A batch holds S samples (prompt + response each), packed back to back without pa
     metadata          S dicts        JSON-serialisable per-sample extras (finish reason, ...)
 
 Token i of a response at packed position p is predicted from position p - 1, so the training
-plane reads `old_log_probs[p]` / `loss_mask[p]` against the logits at p - 1.
+plane reads `rollout_log_probs[p]` / `loss_mask[p]` against the logits at p - 1.
 `save` / `load` write one torch file (tensors + metadata + schema version) to replay a step.
 """
 
@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _DTYPES = {
     "tokens": torch.int64,
     "sample_offsets": torch.int64,
     "prompt_lengths": torch.int64,
-    "old_log_probs": torch.float32,
+    "rollout_log_probs": torch.float32,
     "loss_mask": torch.bool,
     "advantages": torch.float32,
     "rewards": torch.float32,
@@ -50,7 +50,7 @@ class TrainBatch:
     tokens: torch.Tensor
     sample_offsets: torch.Tensor
     prompt_lengths: torch.Tensor
-    old_log_probs: torch.Tensor
+    rollout_log_probs: torch.Tensor
     loss_mask: torch.Tensor
     advantages: torch.Tensor
     rewards: torch.Tensor
@@ -76,7 +76,7 @@ class TrainBatch:
             raise ValueError(
                 "every TrainBatch sample needs a prompt and at least one response token"
             )
-        for name in ("old_log_probs", "loss_mask"):
+        for name in ("rollout_log_probs", "loss_mask"):
             if len(getattr(self, name)) != num_tokens:
                 raise ValueError(
                     f"TrainBatch.{name} must have {num_tokens} entries (one per token)"
@@ -90,6 +90,13 @@ class TrainBatch:
             raise ValueError(f"TrainBatch.metadata must be empty or have {num_samples} entries")
         if bool((self.loss_mask & self.prompt_token_mask()).any()):
             raise ValueError("TrainBatch.loss_mask must be False at prompt tokens")
+        for name, values, where in (
+            ("rollout_log_probs", self.rollout_log_probs[self.loss_mask], "at loss tokens"),
+            ("advantages", self.advantages, ""),
+        ):
+            non_finite = int((~torch.isfinite(values)).sum())
+            if non_finite:
+                raise ValueError(f"TrainBatch.{name} has {non_finite} non-finite value(s) {where}")
 
     @property
     def num_samples(self) -> int:
@@ -123,7 +130,7 @@ class TrainBatch:
             tokens=self.tokens[token_index],
             sample_offsets=offsets,
             prompt_lengths=self.prompt_lengths[samples],
-            old_log_probs=self.old_log_probs[token_index],
+            rollout_log_probs=self.rollout_log_probs[token_index],
             loss_mask=self.loss_mask[token_index],
             advantages=self.advantages[samples],
             rewards=self.rewards[samples],

@@ -1,8 +1,10 @@
-"""Fixtures shared by every test directory: the real pretrained model."""
+"""Fixtures shared by every test directory: an empty working directory, the real pretrained
+model."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,18 @@ SMOLLM2_DIR = (
     / "SmolLM2-135M-Instruct"
 )
 """Where `make smollm2` writes the checkpoint (`$(ENV_ROOT)/models/...`), outside the checkout."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _empty_working_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test runs in an empty working directory, so the shipped configs' relative paths
+    (`runs/demo-cpu/...`, written by `make demo`) never reach a developer's earlier runs."""
+    previous = Path.cwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    try:
+        yield Path.cwd()
+    finally:
+        os.chdir(previous)
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,12 @@ ALLOWED: dict[str, Rule] = {
         project=("megatron_dapo.algo", "pipeline"), third_party=("pydantic", "yaml")
     ),
     "megatron_dapo.mcore": Rule(
-        project=("megatron_dapo.algo", "megatron_dapo.config", "pipeline.train_batch")
+        project=(
+            "megatron_dapo.algo",
+            "megatron_dapo.config",
+            "megatron_dapo.hf",
+            "pipeline.train_batch",
+        )
     ),
     "megatron_dapo.hf": Rule(project=("megatron_dapo.config", "pipeline.tokenizer")),
     "megatron_dapo.ckpt": Rule(project=("megatron_dapo.config", "megatron_dapo.mcore")),

@@ -4,8 +4,10 @@
                                     loss_mask, sequence_ids, normalizers, config)
 
 `share` is the micro-batch's exact share of the mini-batch loss (to minimise): the per-token
-policy loss named by `config.policy_loss`, minus `entropy_coef` times the token entropy,
-reduced by `config.loss_aggregation` with the GLOBAL normalisers of the optimizer step
+policy loss named by `config.policy_loss`, times the detached truncated importance weight of
+the trainer/rollout mismatch when `config.rollout_correction` is not `none`
+(`rollout_correction`), minus `entropy_coef` times the token entropy, reduced by
+`config.loss_aggregation` with the GLOBAL normalisers of the optimizer step
 (`aggregation.LossNormalizers`). Summing the shares of every micro-batch on every data-parallel
 rank gives the mini-batch loss and its gradient however the batch was split.
 
@@ -27,6 +29,7 @@ import torch
 from megatron_dapo.algo.aggregation import LossNormalizers, get_loss_aggregation
 from megatron_dapo.algo.kl import k3_estimator
 from megatron_dapo.algo.policy_loss import PolicyLossConfig, get_policy_loss
+from megatron_dapo.algo.rollout_correction import CORRECTION_MODES, importance_weights
 
 
 @dataclass(frozen=True)
@@ -38,18 +41,27 @@ class ObjectiveConfig:
         loss_aggregation: registered aggregation name (`aggregation.LOSS_AGGREGATIONS`).
         loss: the loss hyper-parameters at this step (eps_high already scheduled).
         entropy_coef: weight of the entropy bonus (>= 0; 0 = none, DAPO's choice).
+        rollout_correction: truncated importance sampling mode (`CORRECTION_MODES`).
+        correction_threshold: its truncation C (> 0).
     """
 
     policy_loss: str
     loss_aggregation: str
     loss: PolicyLossConfig
     entropy_coef: float = 0.0
+    rollout_correction: str = "none"
+    correction_threshold: float = 2.0
 
     def __post_init__(self) -> None:
         get_policy_loss(self.policy_loss)  # ValueError listing the valid names
         get_loss_aggregation(self.loss_aggregation)
         if not self.entropy_coef >= 0.0:
             raise ValueError(f"ObjectiveConfig.entropy_coef must be >= 0, got {self.entropy_coef}")
+        if self.rollout_correction not in CORRECTION_MODES:
+            raise ValueError(
+                f"ObjectiveConfig.rollout_correction must be one of {CORRECTION_MODES}, got "
+                f"{self.rollout_correction!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -129,6 +141,7 @@ def policy_objective(
     sequence_ids: torch.Tensor,
     normalizers: LossNormalizers,
     config: ObjectiveConfig,
+    rollout_log_probs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ObjectiveStats]:
     """One micro-batch's share of the global objective, and its statistics.
 
@@ -141,6 +154,8 @@ def policy_objective(
         sequence_ids: int64 index of each token's sequence within the micro-batch.
         normalizers: the optimizer step's global loss normalisers.
         config: the objective of this optimizer step.
+        rollout_log_probs: log pi_rollout of the same tokens (nats); needed unless
+            `config.rollout_correction` is `none`.
 
     Returns:
         share: 0-dim loss share (advantage units), differentiable w.r.t. `log_probs`.
@@ -151,6 +166,20 @@ def policy_objective(
     )
     mask = loss_mask.bool()
     token_loss = policy.token_loss
+    if config.rollout_correction != "none":
+        if rollout_log_probs is None:
+            raise ValueError(
+                f"rollout_correction={config.rollout_correction!r} needs rollout_log_probs"
+            )
+        weights, _ = importance_weights(
+            old_log_probs,
+            rollout_log_probs,
+            mask,
+            sequence_ids,
+            config.rollout_correction,
+            config.correction_threshold,
+        )
+        token_loss = token_loss * weights
     if config.entropy_coef > 0:
         token_loss = token_loss - config.entropy_coef * torch.where(mask, entropy, 0)
     share = get_loss_aggregation(config.loss_aggregation)(

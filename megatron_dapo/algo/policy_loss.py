@@ -13,7 +13,8 @@ Token layout: all token tensors share one arbitrary shape (packed `[N]` or padde
 nats; `advantages` holds each token's sequence advantage; `loss_mask` is nonzero at loss tokens;
 `sequence_ids` (int64) indexes each token's sequence within the micro-batch (only GSPO uses it).
 Values at masked-out positions are ignored, even if non-finite; at loss tokens non-finite
-log-probs or advantages raise ValueError.
+advantages raise ValueError, while non-finite log-probs (a model overflow) make the loss
+non-finite.
 
 Ratios: r = exp(log_probs - old_log_probs), with the log-ratio clamped to +-MAX_ABS_LOG_RATIO
 (kl.py) so that exp() cannot overflow (a token beyond the clamp gets no gradient).
@@ -214,17 +215,13 @@ def _mask_inputs(
     if sequence_ids.dtype != torch.int64:
         raise ValueError(f"sequence_ids must be int64, got {sequence_ids.dtype}")
     mask = loss_mask.bool()
-    # The data must be finite; the model's own log-probs may not be (an overflow): they carry
-    # NaN into the loss, which the trainer skips or stops on (`training.on_nonfinite`).
-    checked = {"old_log_probs": old_log_probs, "advantages": advantages}
-    non_finite = torch.stack([(mask & ~torch.isfinite(t.detach())).sum() for t in checked.values()])
-    problems = [
-        f"{name} has {count} non-finite value(s)"
-        for name, count in zip(checked, non_finite.tolist(), strict=True)
-        if count
-    ]
-    if problems:
-        raise ValueError("at loss-mask positions: " + "; ".join(problems))
+    # Advantages are data and must be finite. Log-probs, pi_theta's and pi_old's alike, come
+    # from a model (pi_old from the trainer's own forward pass, or the rollout's, which
+    # `TrainBatch` checks): an overflow carries NaN into the loss, which the trainer skips or
+    # stops on (`training.on_nonfinite`).
+    non_finite = int((mask & ~torch.isfinite(advantages.detach())).sum())
+    if non_finite:
+        raise ValueError(f"at loss-mask positions: advantages has {non_finite} non-finite value(s)")
     safe_log_probs = torch.where(mask, log_probs, 0)
     return _MaskedTokens(
         mask=mask,

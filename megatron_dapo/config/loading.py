@@ -147,9 +147,10 @@ def _describe(
     if error["type"] == "missing":
         return f"{where}: missing required key {dotted!r}"
     message = error["msg"].removeprefix("Value error, ")
-    if loc:
-        return f"{where}: {dotted} = {_lookup(data, loc)!r}: {message}"
-    return f"{where}: {message}"
+    value = _lookup(data, loc)
+    if loc and not isinstance(value, dict):
+        return f"{where}: {dotted} = {value!r}: {message}"
+    return f"{where}: {dotted}: {message}" if loc else f"{where}: {message}"
 
 
 def _lookup(data: Any, loc: tuple[str | int, ...]) -> Any:

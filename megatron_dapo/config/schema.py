@@ -15,6 +15,7 @@ learning rates per optimizer step.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -27,6 +28,12 @@ from megatron_dapo.algo.policy_loss import (
     PAPER_RECIPES,
     POLICY_LOSSES,
     PolicyLossConfig,
+)
+from megatron_dapo.algo.rollout_correction import CORRECTION_MODES
+from megatron_dapo.config.hf_architecture import (
+    SUPPORTED_MODEL_TYPES,
+    merge_architecture,
+    model_fields_from_hf,
 )
 from pipeline.advantages import AdvantageConfig
 from pipeline.config import (
@@ -67,11 +74,18 @@ class MoEConfig(Section):
 
 
 class ModelConfig(Section):
-    """The policy: a Megatron-Core GPT model (dense or MoE)."""
+    """The policy: a Megatron-Core GPT model (dense or MoE).
+
+    When `hf_checkpoint` holds a `config.json`, the architecture fields come from it
+    (`hf_architecture.merge_architecture`): the run config may leave them out, and one set to
+    another value than the checkpoint's is an error naming both. What a checkpoint cannot hold
+    (`transformer_impl`, `params_dtype`, MoE training choices) stays here.
+    """
 
     hf_checkpoint: str | None = None
-    """Directory of an HF-format checkpoint (config.json + safetensors) to start from."""
-    random_init: Literal["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral"] | None = None
+    """Directory of an HF-format checkpoint (config.json + safetensors) the policy starts from:
+    every rank loads its shards of it before training."""
+    random_init: Literal[SUPPORTED_MODEL_TYPES] | None = None  # type: ignore[valid-type]
     """If set and `hf_checkpoint` does not exist yet, the trainer first writes a random-weight
     checkpoint of this architecture there (sizes from this section, the project's
     character-level tokenizer): runs that start from scratch, like the CPU demo."""
@@ -94,6 +108,16 @@ class ModelConfig(Section):
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     """Layer implementation: Megatron-Core's local spec (CPU) or Transformer Engine (GPU)."""
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _architecture_from_checkpoint(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("hf_checkpoint"):
+            return data
+        config_json = Path(data["hf_checkpoint"]) / "config.json"
+        if not config_json.is_file():
+            return data  # written later (`random_init`) or missing (the trainer says so)
+        return merge_architecture(data, model_fields_from_hf(config_json.parent), str(config_json))
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
@@ -132,6 +156,15 @@ class ParallelismConfig(Section):
         return self.tensor * self.pipeline
 
 
+class RolloutCorrectionConfig(Section):
+    """Truncated importance sampling of the trainer/rollout mismatch
+    (`megatron_dapo.algo.rollout_correction`); `none` keeps the paper's objective."""
+
+    mode: Literal[CORRECTION_MODES] = "none"  # type: ignore[valid-type]
+    threshold: float = Field(2.0, gt=0.0, allow_inf_nan=False)
+    """C, the largest importance weight."""
+
+
 class AlgorithmConfig(Section):
     """The RL objective: policy loss, advantages, clipping, aggregation, regularisers.
 
@@ -163,6 +196,10 @@ class AlgorithmConfig(Section):
     """Weight of a KL-to-reference penalty (GRPO); only 0 (no reference policy, as DAPO) is
     supported so far."""
     entropy_coef: float = Field(0.0, ge=0.0)
+    old_log_probs: Literal["recompute", "rollout"] = "recompute"
+    """pi_old of the clipped ratio: `recompute` = a forward pass of the policy over the step's
+    batch before its first update (verl, slime); `rollout` = the fleet's sampling log-probs."""
+    rollout_correction: RolloutCorrectionConfig = RolloutCorrectionConfig()
     dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
 
     @model_validator(mode="before")
@@ -222,6 +259,12 @@ class AlgorithmConfig(Section):
                 f"{recipe.loss_aggregation!r}, but got {'; '.join(conflicts)}. Leave them unset "
                 "for the recipe, or pick the policy loss whose recipe you mean"
             )
+        if self.rollout_correction.mode != "none" and self.old_log_probs != "recompute":
+            raise ValueError(
+                f"rollout_correction.mode={self.rollout_correction.mode!r} corrects the "
+                "difference between recomputed and rollout log-probs: it needs "
+                "old_log_probs='recompute'"
+            )
         try:
             self.eps_high_schedule_of_run()
         except ValueError as err:
@@ -256,6 +299,8 @@ class AlgorithmConfig(Section):
                 sapo_tau_neg=self.sapo_tau_neg,
             ),
             entropy_coef=self.entropy_coef,
+            rollout_correction=self.rollout_correction.mode,
+            correction_threshold=self.rollout_correction.threshold,
         )
 
 

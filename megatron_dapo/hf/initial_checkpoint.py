@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_dapo.config.hf_architecture import model_fields_from_hf
 from megatron_dapo.config.schema import ModelConfig
-from megatron_dapo.hf.mappings import model_fields_from_hf
 from pipeline.tokenizer import build_char_tokenizer
 
 _COMPARED_FIELDS = (

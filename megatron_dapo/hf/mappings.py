@@ -26,12 +26,12 @@ its key head, then its value head (so a TP shard is a contiguous run of groups).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
+
+from megatron_dapo.config.hf_architecture import SUPPORTED_MODEL_TYPES
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,6 @@ _MOE_NAMES = {
     "qwen3_moe": MoENames("mlp", "gate_proj", "up_proj", "down_proj"),
     "mixtral": MoENames("block_sparse_moe", "w1", "w3", "w2"),
 }
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 
 
 def weight_rules(model_type: str, tied: bool) -> dict[str, Rule]:
@@ -141,69 +140,3 @@ def to_hf(rule: Rule, full: torch.Tensor, shape: AttentionShape) -> list[torch.T
     grouped = full.reshape(shape.groups, per_group + 2 * shape.head_dim, *rest)
     parts = grouped.split([per_group, shape.head_dim, shape.head_dim], dim=1)
     return [p.reshape(-1, *rest).contiguous() for p in parts]
-
-
-def _rope_theta(hf: dict[str, Any]) -> float:
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"rope_type {rope_type!r} is not supported (only plain RoPE)")
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(f"unsupported HF config: {message}")
-
-
-def model_fields_from_hf(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """`RunConfig.model` fields (a `ModelConfig` dict) from an HF checkpoint's `config.json`.
-
-    Raises:
-        ValueError: the architecture or one of its options has no Megatron-Core equivalent here
-            (sliding windows, RoPE scaling, non-SiLU MLPs, biased MLP/output projections,
-            dense layers inside an MoE model, un-normalised top-k routing).
-    """
-    hf = json.loads((Path(checkpoint_dir) / "config.json").read_text())
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"unsupported HF model_type {model_type!r}; {SUPPORTED_MODEL_TYPES}")
-    _require(hf.get("hidden_act", "silu") == "silu", f"hidden_act={hf.get('hidden_act')}")
-    _require(not hf.get("use_sliding_window", False), "use_sliding_window")
-    _require(model_type == "qwen2" or not hf.get("attention_bias", False), "attention_bias")
-    _require(not hf.get("mlp_bias", False), "mlp_bias")
-    heads = hf["num_attention_heads"]
-    fields: dict[str, Any] = {
-        "hf_checkpoint": str(checkpoint_dir),
-        "num_layers": hf["num_hidden_layers"],
-        "hidden_size": hf["hidden_size"],
-        "ffn_hidden_size": hf["intermediate_size"],
-        "num_attention_heads": heads,
-        "num_query_groups": hf.get("num_key_value_heads") or heads,
-        "kv_channels": hf.get("head_dim") or hf["hidden_size"] // heads,
-        "vocab_size": hf["vocab_size"],
-        "max_position_embeddings": hf["max_position_embeddings"],
-        "rotary_base": _rope_theta(hf),
-        "norm_epsilon": hf["rms_norm_eps"],
-        "add_qkv_bias": model_type == "qwen2",
-        "qk_layernorm": model_type in ("qwen3", "qwen3_moe"),
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-    }
-    if model_type == "qwen3_moe":
-        _require(hf.get("decoder_sparse_step", 1) == 1, "decoder_sparse_step != 1")
-        _require(not hf.get("mlp_only_layers"), "mlp_only_layers (dense layers in an MoE)")
-        _require(hf.get("norm_topk_prob", True), "norm_topk_prob=false")
-        fields["moe"] = {
-            "num_experts": hf.get("num_experts") or hf["num_local_experts"],  # 4.x / 5.x name
-            "router_topk": hf["num_experts_per_tok"],
-            "ffn_hidden_size": hf["moe_intermediate_size"],
-            "aux_loss_coeff": hf.get("router_aux_loss_coef", 1e-3),
-        }
-    elif model_type == "mixtral":
-        _require(hf.get("sliding_window") is None, "sliding_window")
-        fields["moe"] = {
-            "num_experts": hf["num_local_experts"],
-            "router_topk": hf["num_experts_per_tok"],
-            "aux_loss_coeff": hf.get("router_aux_loss_coef", 1e-3),
-        }
-    return fields

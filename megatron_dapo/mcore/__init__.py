@@ -3,6 +3,7 @@
 (`micro_batches`), vocab-parallel log-probs and entropy (`logprobs`), the optimizer step
 (`policy_step`) and optional tensor statistics (`tensor_inspect`).
 
-May import: Megatron-Core, torch, `megatron_dapo.algo`, `megatron_dapo.config` and
-`pipeline.train_batch` (the batch contract).
+May import: Megatron-Core, torch, `megatron_dapo.algo`, `megatron_dapo.config`,
+`megatron_dapo.hf` (the policy starts from an HF checkpoint) and `pipeline.train_batch` (the
+batch contract).
 """

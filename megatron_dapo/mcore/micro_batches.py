@@ -14,7 +14,8 @@ a multiple of `per_rank_multiple` (the interleaved schedule needs a multiple of 
 bins are split, or empty micro-batches added, until the count fits.
 
 Targets are next tokens: position q of a sample predicts its token q + 1, so row position q
-carries `loss_mask`, `old_log_probs` of TrainBatch position q + 1 (see `pipeline.train_batch`).
+carries `loss_mask`, `rollout_log_probs` of TrainBatch position q + 1 (see
+`pipeline.train_batch`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ class MicroBatch:
         position_ids: int64, 0.. within each sample (0.. for the padding block too).
         attention_mask: `[1, 1, T, T]` bool, True = masked (Megatron-Core's convention).
         targets: int64 next token of each position (0 where there is none).
-        old_log_probs: float32 sampling log-prob of the target (nats), 0 off the loss mask.
+        rollout_log_probs: float32 the fleet's sampling log-prob of the target (nats), 0 off the
+            loss mask.
+        old_log_probs: float32 log pi_old of the target (nats): the rollout's as built, the
+            policy's own once recomputed (`PolicyTrainer`, `algorithm.old_log_probs`).
         advantages: float32 advantage of the position's sample.
         loss_mask: bool, True where the target is a loss token.
         sequence_ids: int64 index of the position's sample within this micro-batch.
@@ -46,6 +50,7 @@ class MicroBatch:
     position_ids: torch.Tensor
     attention_mask: torch.Tensor
     targets: torch.Tensor
+    rollout_log_probs: torch.Tensor
     old_log_probs: torch.Tensor
     advantages: torch.Tensor
     loss_mask: torch.Tensor
@@ -197,12 +202,16 @@ def build_micro_batch(
     block = torch.cat([sample_of_token, sample_of_token.new_full((pad,), len(samples))])
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     allowed = causal & (block[:, None] == block[None, :])
+    rollout_log_probs = row(
+        torch.where(has_target, selected.rollout_log_probs[next_index], 0.0), 0.0
+    )
     return MicroBatch(
         tokens=row(selected.tokens, 0),
         position_ids=torch.cat([position, torch.arange(pad)]).unsqueeze(0),
         attention_mask=~allowed.view(1, 1, length, length),
         targets=row(torch.where(has_target, selected.tokens[next_index], 0), 0),
-        old_log_probs=row(torch.where(has_target, selected.old_log_probs[next_index], 0.0), 0.0),
+        rollout_log_probs=rollout_log_probs,
+        old_log_probs=rollout_log_probs,
         advantages=row(selected.advantages[sample_of_token], 0.0),
         loss_mask=row(has_target & selected.loss_mask[next_index], False),
         sequence_ids=row(sample_of_token, 0),

@@ -32,6 +32,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -40,9 +42,19 @@ import torch.distributed as dist
 
 from megatron_dapo.algo.aggregation import LossNormalizers, count_loss_normalizers
 from megatron_dapo.algo.objective import ObjectiveConfig, ObjectiveStats, policy_objective
+from megatron_dapo.algo.rollout_correction import RolloutMismatch, rollout_mismatch
 from megatron_dapo.config.schema import RunConfig
-from megatron_dapo.mcore.logprobs import vocab_parallel_log_probs_and_entropy
-from megatron_dapo.mcore.micro_batches import MicroBatch, build_micro_batch, plan_micro_batches
+from megatron_dapo.hf.convert import load_hf_checkpoint
+from megatron_dapo.mcore.logprobs import (
+    vocab_parallel_log_probs,
+    vocab_parallel_log_probs_and_entropy,
+)
+from megatron_dapo.mcore.micro_batches import (
+    MicroBatch,
+    MicroBatchPlan,
+    build_micro_batch,
+    plan_micro_batches,
+)
 from megatron_dapo.mcore.model import build_model_chunks
 from pipeline.train_batch import TrainBatch
 
@@ -89,6 +101,37 @@ class OptimizerStepMetrics:
     expert_load: list[list[int]] | None
 
 
+@dataclass(frozen=True)
+class PackedMiniBatch:
+    """One mini-batch packed for this rank.
+
+    Attributes:
+        plan: the packing plan, the same on every rank.
+        micro_batches: this data-parallel rank's micro-batches, in schedule order.
+        padding_fraction: padding tokens / packed row slots of the whole mini-batch.
+    """
+
+    plan: MicroBatchPlan
+    micro_batches: tuple[MicroBatch, ...]
+    padding_fraction: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What `PolicyTrainer.train` did with one rollout step's batch; the same on every rank.
+
+    Attributes:
+        optimizer_steps: one entry per mini-batch.
+        mismatch: trainer/rollout mismatch of the batch's loss tokens; None when pi_old is the
+            rollout's (`algorithm.old_log_probs: rollout`).
+        old_log_prob_seconds: wall time of the forward-only pass that recomputed pi_old.
+    """
+
+    optimizer_steps: list[OptimizerStepMetrics]
+    mismatch: RolloutMismatch | None
+    old_log_prob_seconds: float
+
+
 class _ExpertLoadCounter:
     """Counts routed tokens per (MoE layer, expert) with forward hooks on the routers."""
 
@@ -104,6 +147,10 @@ class _ExpertLoadCounter:
     def _count(self, router: torch.nn.Module, inputs: tuple, outputs: tuple) -> None:
         routing_map = outputs[1]  # [tokens, experts] bool
         self.counts[router.layer_number - 1] += routing_map.sum(0).cpu()
+
+    def reset(self) -> None:
+        """Forget what was counted since the last `take` (a forward pass that did not train)."""
+        self.counts.zero_()
 
     def take(self) -> torch.Tensor:
         """The counts since the last call, summed over every rank (each token routes once)."""
@@ -126,6 +173,8 @@ class PolicyTrainer:
         self.config = config
         par = config.parallelism
         chunks = build_model_chunks(config.model, par)
+        if config.model.hf_checkpoint is not None:
+            load_hf_checkpoint(chunks, config.model.hf_checkpoint)  # before the optimizer copies
         self.transformer_config = chunks[0].config
         if config.model.params_dtype != "float32":
             chunks = [Float16Module(self.transformer_config, chunk) for chunk in chunks]
@@ -192,22 +241,36 @@ class PolicyTrainer:
             else None
         )
 
-    def train(self, batch: TrainBatch) -> list[OptimizerStepMetrics]:
-        """One `step` per mini-batch of `training.mini_batch_size` samples, in batch order."""
+    def train(self, batch: TrainBatch) -> TrainResult:
+        """One rollout step's batch (the same on every rank): pi_old recomputed for the whole
+        batch first (`algorithm.old_log_probs: recompute`), then one optimizer step per
+        mini-batch of `training.mini_batch_size` samples, in batch order."""
         size = self.config.training.mini_batch_size
         if batch.num_samples % size:
             raise ValueError(
                 f"{batch.num_samples} samples do not split into mini-batches of {size}"
             )
-        return [
-            self.step(batch.select(torch.arange(start, start + size)))
+        mini_batches = [
+            self._pack(batch.select(torch.arange(start, start + size)))
             for start in range(0, batch.num_samples, size)
         ]
+        return self._train(mini_batches)
 
     def step(self, batch: TrainBatch) -> OptimizerStepMetrics:
-        """One optimizer step on `batch` (the same batch on every rank); see the module doc."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
+        """One optimizer step on all of `batch` (pi_old recomputed first if configured)."""
+        return self._train([self._pack(batch)]).optimizer_steps[0]
 
+    def _train(self, mini_batches: list[PackedMiniBatch]) -> TrainResult:
+        started = time.perf_counter()
+        mismatch = None
+        if self.config.algorithm.old_log_probs == "recompute":
+            mini_batches, mismatch = self._recompute_old_log_probs(mini_batches)
+        recomputed = time.perf_counter()
+        steps = [self._optimize(mini_batch) for mini_batch in mini_batches]
+        return TrainResult(steps, mismatch, recomputed - started)
+
+    def _pack(self, batch: TrainBatch) -> PackedMiniBatch:
+        """`batch` packed into this DP rank's micro-batches (the same plan on every rank)."""
         par, training = self.config.parallelism, self.config.training
         sequence_parallel = self.transformer_config.sequence_parallel
         plan = plan_micro_batches(
@@ -219,10 +282,77 @@ class PolicyTrainer:
             per_rank_multiple=par.pipeline if par.virtual_pipeline else 1,
             pack=self.config.model.transformer_impl == "local",
         )
-        micro_batches = [
+        micro_batches = tuple(
             build_micro_batch(batch, samples, plan.row_length, plan.pad_multiple)
             for samples in plan.bins[self._dp_rank]
-        ]
+        )
+        return PackedMiniBatch(plan, micro_batches, plan.padding_fraction(batch))
+
+    def _run_schedule(
+        self, forward_step: Callable, mini_batch: PackedMiniBatch, forward_only: bool
+    ) -> list[dict[str, torch.Tensor]]:
+        """Megatron-Core's forward(-backward) schedule over the mini-batch's micro-batches; the
+        loss functions' dicts, in micro-batch order, on the last pipeline stage (else [])."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        micro_batches = mini_batch.micro_batches
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=[iter(micro_batches) for _ in self.chunks],
+            model=self.chunks,
+            num_microbatches=mini_batch.plan.num_microbatches,
+            seq_length=mini_batch.plan.row_length or max(mb.length for mb in micro_batches),
+            micro_batch_size=1,
+            forward_only=forward_only,
+        )
+
+    @torch.no_grad()
+    def _recompute_old_log_probs(
+        self, mini_batches: list[PackedMiniBatch]
+    ) -> tuple[list[PackedMiniBatch], RolloutMismatch]:
+        """pi_old of every micro-batch from a forward-only pass of the current policy (last
+        pipeline stage; other stages keep the rollout's, which they never use), and the
+        trainer/rollout mismatch over the whole batch, reduced over every rank."""
+        correction = self.config.algorithm.rollout_correction
+        recomputed, mismatch = [], None
+        for mini_batch in mini_batches:
+            outputs = self._run_schedule(self._forward_log_probs, mini_batch, forward_only=True)
+            if not outputs:  # not the last pipeline stage
+                recomputed.append(mini_batch)
+                continue
+            micro_batches = tuple(
+                dataclasses.replace(mb, old_log_probs=out["log_probs"])
+                for mb, out in zip(mini_batch.micro_batches, outputs, strict=True)
+            )
+            recomputed.append(dataclasses.replace(mini_batch, micro_batches=micro_batches))
+            for mb in micro_batches:
+                part = rollout_mismatch(
+                    mb.old_log_probs,
+                    mb.rollout_log_probs,
+                    mb.loss_mask,
+                    mb.sequence_ids,
+                    correction.mode,
+                    correction.threshold,
+                )
+                mismatch = part if mismatch is None else mismatch + part
+        if self._expert_load is not None:
+            self._expert_load.reset()  # count the training pass only
+        return recomputed, self._reduce_mismatch(mismatch)
+
+    def _reduce_mismatch(self, mismatch: RolloutMismatch | None) -> RolloutMismatch:
+        """The mismatch of every rank's micro-batches (only the last stage measured any)."""
+        if mismatch is None:
+            zero = torch.zeros((), dtype=torch.float64)
+            mismatch = RolloutMismatch(zero, zero, zero, zero, zero)
+        sums, largest = mismatch.sums(), mismatch.max_abs_diff.reshape(1).clone()
+        for group in (self._pp_group, self._dp_group):
+            dist.all_reduce(sums, group=group)
+            dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+        return RolloutMismatch.from_reduced(sums, largest[0])
+
+    def _optimize(self, mini_batch: PackedMiniBatch) -> OptimizerStepMetrics:
+        """One optimizer step on a packed mini-batch; see the module doc."""
+        plan, micro_batches = mini_batch.plan, mini_batch.micro_batches
         normalizers = self._global_normalizers(micro_batches)
         objective = self.config.algorithm.objective_at(self.optimizer_steps)
         scale = plan.num_microbatches * self._dp_size
@@ -231,15 +361,7 @@ class PolicyTrainer:
         self.optimizer.zero_grad()
         self.scheduler.step(1)
         forward_step = partial(self._forward_step, normalizers, objective, scale)
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=[iter(micro_batches) for _ in self.chunks],
-            model=self.chunks,
-            num_microbatches=plan.num_microbatches,
-            seq_length=plan.row_length or max(mb.length for mb in micro_batches),
-            micro_batch_size=1,
-            forward_only=False,
-        )
+        outputs = self._run_schedule(forward_step, mini_batch, forward_only=False)
         stats = self._reduce_stats(outputs)
         loss = float(stats.loss)
         if self._is_finite(loss):
@@ -259,7 +381,7 @@ class PolicyTrainer:
             lr=self.optimizer.param_groups[0]["lr"],
             num_loss_tokens=normalizers.num_tokens,
             num_microbatches=plan.num_microbatches,
-            padding_fraction=plan.padding_fraction(batch),
+            padding_fraction=mini_batch.padding_fraction,
             update_successful=bool(update_successful),
             moe_aux_loss=self._take_aux_loss(plan.num_microbatches),
             expert_load=self._expert_load.take().tolist() if self._expert_load else None,
@@ -295,6 +417,20 @@ class PolicyTrainer:
         dist.all_reduce(counts, group=self._dp_group)
         return LossNormalizers(int(counts[0]), int(counts[1]), self.config.loss_norm_constant)
 
+    def _next_on_device(self, data_iterator) -> MicroBatch:
+        micro_batch = next(data_iterator)
+        return dataclasses.replace(
+            micro_batch,
+            **{
+                f.name: getattr(micro_batch, f.name).to(self._device)
+                for f in dataclasses.fields(micro_batch)
+                if isinstance(getattr(micro_batch, f.name), torch.Tensor)
+            },
+        )
+
+    def _forward(self, micro_batch: MicroBatch, model: torch.nn.Module) -> torch.Tensor:
+        return model(micro_batch.tokens, micro_batch.position_ids, micro_batch.attention_mask)
+
     def _forward_step(
         self,
         normalizers: LossNormalizers,
@@ -303,17 +439,26 @@ class PolicyTrainer:
         data_iterator,
         model: torch.nn.Module,
     ):
-        micro_batch = next(data_iterator)
-        micro_batch = dataclasses.replace(
-            micro_batch,
-            **{
-                f.name: getattr(micro_batch, f.name).to(self._device)
-                for f in dataclasses.fields(micro_batch)
-                if isinstance(getattr(micro_batch, f.name), torch.Tensor)
-            },
-        )
-        output = model(micro_batch.tokens, micro_batch.position_ids, micro_batch.attention_mask)
-        return output, partial(self._loss, micro_batch, normalizers, objective, scale)
+        micro_batch = self._next_on_device(data_iterator)
+        loss = partial(self._loss, micro_batch, normalizers, objective, scale)
+        return self._forward(micro_batch, model), loss
+
+    def _forward_log_probs(self, data_iterator, model: torch.nn.Module):
+        """Forward-only step: the loss function hands back the targets' log-probs `[1, T]`."""
+        micro_batch = self._next_on_device(data_iterator)
+
+        def log_probs(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            values = vocab_parallel_log_probs(
+                logits,
+                micro_batch.targets,
+                tp_group=self._tp_group,
+                chunk_size=self.config.training.log_prob_chunk_size,
+                temperature=self.config.rollout.temperature,
+            )
+            masked = torch.where(micro_batch.loss_mask, values.float(), 0.0)
+            return logits.new_zeros(()), {"log_probs": masked.cpu()}
+
+        return self._forward(micro_batch, model), log_probs
 
     def _loss(
         self,
@@ -340,6 +485,7 @@ class PolicyTrainer:
             micro_batch.sequence_ids,
             normalizers,
             objective,
+            rollout_log_probs=micro_batch.rollout_log_probs,
         )
         return share * scale, {"stats": stats.as_tensor().cpu()}
 

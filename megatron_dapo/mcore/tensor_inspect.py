@@ -24,7 +24,9 @@ The features' `tensors` are, per selected module and forward call:
     weight      the module's own `weight` parameter
     gradient    the gradient of the loss with respect to `output`, when it flows back
 
-The hooks only read: the forward and backward math is unchanged. Statistics are those of
+The hooks only read: the forward and backward math is unchanged. Only training passes are
+logged: the forward-only pass that recomputes pi_old (`algorithm.old_log_probs`) runs without
+autograd and is skipped. Statistics are those of
 nvdlfw-inspect's `LogTensorStats` (min, max, mean, std, l1_norm, l2_norm; `freq`, `start_step`,
 `end_step`, `start_end_list`), one log line per statistic and forward call (so one per
 micro-batch), computed on this rank's tensor (a tensor-parallel shard under TP; no collective),
@@ -158,6 +160,8 @@ class TensorInspector:
                 )
 
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if not torch.is_grad_enabled():
+                return  # a forward pass that does not train (pi_old recomputed)
             found = {
                 "activation": _first_tensor([*args, *kwargs.values()]),
                 "output": _first_tensor(output if isinstance(output, tuple) else [output]),

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 PREFIX = "dapo"
-STEP_PHASES = ("generate", "reward", "train", "weight_sync")
+STEP_PHASES = ("generate", "reward", "old_log_probs", "train", "weight_sync")
 OVERLAPPING = ("reward",)
 """Phases that run during another phase (reward calls, during generation)."""
 
@@ -72,6 +72,14 @@ class StepMetrics:
     moe_aux_loss: float | None = None
     moe_expert_load: tuple[float, ...] = ()
     """Fraction of routed token slots per expert (summed over MoE layers), sums to 1."""
+    rollout_mismatch_kl: float | None = None
+    """k3 KL(pi_rollout || pi_old) per loss token (nats); None when pi_old is the rollout's."""
+    rollout_logprob_diff_mean: float | None = None
+    """Mean |log pi_old - log pi_rollout| per loss token (nats)."""
+    rollout_logprob_diff_max: float | None = None
+    """Largest |log pi_old - log pi_rollout| of the step (nats)."""
+    rollout_truncated_ratio: float | None = None
+    """Fraction of loss tokens whose importance weight was truncated (rollout correction)."""
 
     @property
     def step_seconds(self) -> float:
@@ -107,6 +115,15 @@ class TrainerMetricsExporter:
         self._lr = gauge("learning_rate", "Learning rate of the last optimizer step")
         self._moe_aux = gauge("moe_aux_loss", "MoE load-balancing auxiliary loss")
         self._expert_load = gauge("moe_expert_load_ratio", "Share of routed tokens", "expert")
+        self._mismatch_kl = gauge(
+            "rollout_mismatch_kl_nats", "k3 KL(pi_rollout || pi_old) per loss token"
+        )
+        self._logprob_diff = gauge(
+            "rollout_logprob_diff_nats", "|log pi_old - log pi_rollout| per loss token", "stat"
+        )
+        self._truncated_weights = gauge(
+            "rollout_truncated_weight_ratio", "Fraction of loss tokens with a truncated IS weight"
+        )
         self._skipped = Counter(
             f"{PREFIX}_skipped_optimizer_steps",
             "Optimizer steps skipped for a non-finite loss or gradient",
@@ -156,5 +173,10 @@ class TrainerMetricsExporter:
             self._moe_aux.labels(run).set(m.moe_aux_loss)
         for expert, share in enumerate(m.moe_expert_load):
             self._expert_load.labels(run, str(expert)).set(share)
+        if m.rollout_mismatch_kl is not None:
+            self._mismatch_kl.labels(run).set(m.rollout_mismatch_kl)
+            self._logprob_diff.labels(run, "mean").set(m.rollout_logprob_diff_mean)
+            self._logprob_diff.labels(run, "max").set(m.rollout_logprob_diff_max)
+            self._truncated_weights.labels(run).set(m.rollout_truncated_ratio)
         self._tokens.labels(run).inc(m.trained_tokens)
         self._skipped.labels(run).inc(m.skipped_optimizer_steps)

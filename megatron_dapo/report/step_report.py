@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from megatron_dapo.config.schema import RunConfig
-from megatron_dapo.mcore.policy_step import OptimizerStepMetrics
+from megatron_dapo.mcore.policy_step import TrainResult
 from megatron_dapo.report.prometheus import StepMetrics, TrainerMetricsExporter
 from pipeline.dynamic_sampling import StepStats
 from pipeline.overlong import TRUNCATED_FINISH_REASON
@@ -24,10 +24,15 @@ def summarize_step(
     step: int,
     batch: TrainBatch,
     stats: StepStats,
-    optimizer_steps: Sequence[OptimizerStepMetrics],
+    trained: TrainResult,
     phase_seconds: Mapping[str, float],
 ) -> StepMetrics:
-    """One RL step's metrics; per-token means are weighted by each optimizer step's tokens."""
+    """One RL step's metrics; per-token means are weighted by each optimizer step's tokens.
+
+    `phase_seconds` holds the phases the loop timed; the old-log-prob pass inside `train` is
+    split off as its own phase.
+    """
+    optimizer_steps = trained.optimizer_steps
     tokens = torch.tensor([float(o.num_loss_tokens) for o in optimizer_steps])
     weights = tokens / tokens.sum().clamp(min=1.0)
 
@@ -42,6 +47,11 @@ def summarize_step(
     loads = [torch.tensor(o.expert_load).sum(0) for o in optimizer_steps if o.expert_load]
     load = torch.stack(loads).sum(0).double() if loads else None
     trained_tokens = batch.num_tokens  # prompt and response tokens through the model
+    phases = {**phase_seconds, "reward": stats.reward_seconds}
+    if trained.mismatch is not None:
+        phases["old_log_probs"] = trained.old_log_prob_seconds
+        phases["train"] = phase_seconds["train"] - trained.old_log_prob_seconds
+    mismatch = trained.mismatch
     return StepMetrics(
         step=step,
         loss=sum(o.loss for o in optimizer_steps) / len(optimizer_steps),
@@ -61,16 +71,20 @@ def summarize_step(
         advantage_min=float(advantages.min()),
         advantage_max=float(advantages.max()),
         generation_tokens_per_second=stats.tokens_per_s,
-        training_tokens_per_second=trained_tokens / max(phase_seconds.get("train", 0.0), 1e-9),
+        training_tokens_per_second=trained_tokens / max(phases.get("train", 0.0), 1e-9),
         grad_norm=optimizer_steps[-1].grad_norm,
         learning_rate=optimizer_steps[-1].lr,
         trained_tokens=trained_tokens,
         padding_ratio=sum(o.padding_fraction for o in optimizer_steps) / len(optimizer_steps),
         microbatches=sum(o.num_microbatches for o in optimizer_steps),
-        phase_seconds={**phase_seconds, "reward": stats.reward_seconds},
+        phase_seconds=phases,
         skipped_optimizer_steps=sum(not o.update_successful for o in optimizer_steps),
         moe_aux_loss=sum(aux) / len(aux) if aux else None,
         moe_expert_load=tuple((load / load.sum()).tolist()) if load is not None else (),
+        rollout_mismatch_kl=mismatch.mean_kl() if mismatch else None,
+        rollout_logprob_diff_mean=mismatch.mean_abs_diff() if mismatch else None,
+        rollout_logprob_diff_max=float(mismatch.max_abs_diff) if mismatch else None,
+        rollout_truncated_ratio=mismatch.truncated_fraction() if mismatch else None,
     )
 
 
@@ -134,17 +148,24 @@ class StepReporter:
             )
             if count
         ]
-        self._bar.write(
-            f"step {m.step + 1}/{steps} | reward {m.reward_mean:+.3f} "
-            f"acc {m.accuracy:.3f} | entropy {m.entropy:.3f} | clip lo/hi "
-            f"{m.clip_fraction_low:.3f}/{m.clip_fraction_high:.3f} | "
+        parts = [
+            f"step {m.step + 1}/{steps}",
+            f"reward {m.reward_mean:+.3f} acc {m.accuracy:.3f}",
+            f"entropy {m.entropy:.3f}",
+            f"clip lo/hi {m.clip_fraction_low:.3f}/{m.clip_fraction_high:.3f}",
+        ]
+        if m.rollout_mismatch_kl is not None:
+            parts.append(f"mismatch KL {m.rollout_mismatch_kl:.1e}")
+        parts += [
             f"len {m.response_length_mean:.1f} (max {m.response_length_max:.0f}, "
-            f"trunc {m.truncated_ratio:.2f}) | kept {kept}/"
-            f"{stats.generated_groups} groups in {stats.generation_rounds} rounds | "
+            f"trunc {m.truncated_ratio:.2f})",
+            f"kept {kept}/{stats.generated_groups} groups in {stats.generation_rounds} rounds",
             f"gen {m.generation_tokens_per_second:.0f} tok/s train "
-            f"{m.training_tokens_per_second:.0f} tok/s | {m.step_seconds:.1f}s"
-            + "".join(f" | {problem}" for problem in problems)
-        )
+            f"{m.training_tokens_per_second:.0f} tok/s",
+            f"{m.step_seconds:.1f}s",
+            *problems,
+        ]
+        self._bar.write(" | ".join(parts))
 
     def close(self) -> None:
         self._bar.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -243,3 +244,76 @@ def test_advantage_options_reach_the_data_plane() -> None:
 def test_algorithm_rules_are_checked_at_load_time(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(DEMO, overrides)
+
+
+def _hf_checkpoint(directory: Path, **changes: object) -> Path:
+    """A checkpoint directory with only a Qwen3-MoE `config.json` (all the architecture needs)."""
+    hf = {
+        "model_type": "qwen3_moe",
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 32,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 104,
+        "max_position_embeddings": 512,
+        "rope_theta": 1e6,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "router_aux_loss_coef": 0.001,
+        **changes,
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(hf))
+    return directory
+
+
+def _demo_on(checkpoint: Path, *overrides: str) -> RunConfig:
+    """The demo's run config with its model section replaced by `model.hf_checkpoint` alone."""
+    return load_config(DEMO, ["model=null", f"model.hf_checkpoint={checkpoint}", *overrides])
+
+
+def test_the_architecture_comes_from_the_checkpoint(tmp_path: Path) -> None:
+    checkpoint = _hf_checkpoint(tmp_path / "ckpt")
+    model = _demo_on(checkpoint, "model.moe.token_dispatcher=allgather").model
+    assert (model.num_layers, model.hidden_size, model.num_query_groups) == (2, 64, 2)
+    assert (model.kv_channels, model.rotary_base, model.qk_layernorm) == (16, 1e6, True)
+    assert model.moe is not None and (model.moe.num_experts, model.moe.ffn_hidden_size) == (4, 32)
+    assert model.moe.token_dispatcher == "allgather"  # a training choice stays the run's
+    same = _demo_on(checkpoint, "model.hidden_size=64", "model.moe.aux_loss_coeff=0.01").model
+    assert same.hidden_size == 64 and same.moe is not None and same.moe.aux_loss_coeff == 0.01
+
+
+def test_a_field_that_disagrees_with_the_checkpoint_names_both_values(tmp_path: Path) -> None:
+    checkpoint = _hf_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(ConfigError) as err:
+        _demo_on(checkpoint, "model.hidden_size=32", "model.moe.num_experts=8")
+    message = str(err.value)
+    assert f"the architecture differs from {checkpoint / 'config.json'}" in message
+    assert "hidden_size is 32 in the run config but 64" in message
+    assert "moe.num_experts is 8 in the run config but 4" in message
+    dense = _hf_checkpoint(tmp_path / "dense", model_type="llama")
+    with pytest.raises(ConfigError, match="moe is set in the run config but the checkpoint is"):
+        _demo_on(dense, "model.moe.num_experts=4")
+
+
+def test_a_checkpoint_without_config_needs_the_architecture_in_the_run_config(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigError, match="missing required key 'model.num_layers'"):
+        _demo_on(tmp_path / "not-yet-written")
+    written_later = load_config(DEMO, [f"model.hf_checkpoint={tmp_path / 'random'}"])
+    assert written_later.model.random_init == "mixtral"  # the demo writes it on first start
+
+
+def test_rollout_correction_needs_recomputed_old_log_probs() -> None:
+    token = ["algorithm.rollout_correction.mode=token"]
+    assert load_config(DEMO, token).algorithm.objective_at(0).rollout_correction == "token"
+    with pytest.raises(ConfigError, match="it needs old_log_probs='recompute'"):
+        load_config(DEMO, [*token, "algorithm.old_log_probs=rollout"])
+    with pytest.raises(ConfigError, match="threshold = 0: Input should be greater than 0"):
+        load_config(DEMO, [*token, "algorithm.rollout_correction.threshold=0"])

@@ -31,9 +31,19 @@ def example_step_metrics(step: int = 3, **changes: object) -> StepMetrics:
         trained_tokens=1000,
         padding_ratio=0.02,
         microbatches=3,
-        phase_seconds={"generate": 4.0, "reward": 0.1, "train": 1.5, "weight_sync": 0.3},
+        phase_seconds={
+            "generate": 4.0,
+            "reward": 0.1,
+            "old_log_probs": 0.4,
+            "train": 1.5,
+            "weight_sync": 0.3,
+        },
         moe_aux_loss=0.011,
         moe_expert_load=(0.3, 0.2, 0.25, 0.25),
+        rollout_mismatch_kl=2e-4,
+        rollout_logprob_diff_mean=0.01,
+        rollout_logprob_diff_max=0.3,
+        rollout_truncated_ratio=0.001,
     )
     values.update(changes)
     return StepMetrics(**values)  # type: ignore[arg-type]

@@ -8,8 +8,9 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+from megatron_dapo.algo.rollout_correction import RolloutMismatch
 from megatron_dapo.config.loading import load_config
-from megatron_dapo.mcore.policy_step import OptimizerStepMetrics
+from megatron_dapo.mcore.policy_step import OptimizerStepMetrics, TrainResult
 from megatron_dapo.report.prometheus import TrainerMetricsExporter
 from megatron_dapo.report.step_report import StepReporter, summarize_step
 from pipeline.dynamic_sampling import StepStats
@@ -46,7 +47,7 @@ def _batch() -> TrainBatch:
         tokens=torch.arange(7),
         sample_offsets=torch.tensor([0, 5, 7]),
         prompt_lengths=torch.tensor([2, 1]),
-        old_log_probs=torch.zeros(7),
+        rollout_log_probs=torch.zeros(7),
         loss_mask=torch.tensor([False, False, True, True, True, False, True]),
         advantages=torch.tensor([1.0, -1.0]),
         rewards=torch.tensor([1.0, -0.5]),
@@ -60,7 +61,9 @@ def test_summary_weights_token_means_and_reads_the_queue() -> None:
     stats = StepStats(generated_samples=8, correct_samples=2, generated_tokens=40)
     stats.generation_seconds, stats.reward_seconds = 4.0, 1.5
     steps = [_optimizer_step(30, 2.0, 0.1, 0.4, 0.2), _optimizer_step(10, 1.0, 0.5, 0.2)]
-    m = summarize_step(5, _batch(), stats, steps, {"generate": 4.0, "train": 2.0})
+    m = summarize_step(
+        5, _batch(), stats, TrainResult(steps, None, 0.0), {"generate": 4.0, "train": 2.0}
+    )
     assert m.step == 5
     assert m.entropy == pytest.approx((30 * 2.0 + 10 * 1.0) / 40)
     assert m.clip_fraction_high == pytest.approx((30 * 0.1 + 10 * 0.5) / 40)
@@ -75,6 +78,21 @@ def test_summary_weights_token_means_and_reads_the_queue() -> None:
     assert m.moe_expert_load == pytest.approx((10 / 16, 6 / 16))  # summed over layers and steps
     assert m.phase_seconds == {"generate": 4.0, "train": 2.0, "reward": 1.5}
     assert m.step_seconds == 6.0  # reward calls overlap generation
+    assert m.rollout_mismatch_kl is None  # pi_old is the rollout's
+
+
+def test_summary_splits_off_the_old_log_prob_pass_and_reports_the_mismatch() -> None:
+    # 8 loss tokens: k3 sum 0.004, |diff| sum 0.4, 2 truncated, largest |diff| 0.2
+    mismatch = RolloutMismatch.from_reduced(
+        torch.tensor([0.004, 0.4, 2.0, 8.0], dtype=torch.float64), torch.tensor(0.2)
+    )
+    trained = TrainResult([_optimizer_step(30, 2.0, 0.1, 0.4)], mismatch, 0.5)
+    m = summarize_step(0, _batch(), StepStats(), trained, {"generate": 4.0, "train": 2.0})
+    assert m.phase_seconds == {"generate": 4.0, "train": 1.5, "old_log_probs": 0.5, "reward": 0.0}
+    assert m.training_tokens_per_second == pytest.approx(7 / 1.5)
+    assert m.rollout_mismatch_kl == pytest.approx(0.0005)
+    assert (m.rollout_logprob_diff_mean, m.rollout_logprob_diff_max) == pytest.approx((0.05, 0.2))
+    assert m.rollout_truncated_ratio == 0.25
 
 
 def test_reporter_logs_every_step_and_prints_every_log_every_steps(

@@ -26,6 +26,10 @@ def test_record_sets_every_series() -> None:
     assert value("dapo_clip_fraction_ratio", bound="low") == 0.01
     assert value("dapo_clip_fraction_ratio", bound="dual") == 0.005
     assert value("dapo_padding_ratio") == 0.02 and value("dapo_microbatches") == 3
+    assert value("dapo_rollout_mismatch_kl_nats") == 2e-4
+    assert value("dapo_rollout_logprob_diff_nats", stat="max") == 0.3
+    assert value("dapo_rollout_truncated_weight_ratio") == 0.001
+    assert value("dapo_step_phase_seconds", phase="old_log_probs") == 0.4
     assert value("dapo_response_length_tokens", stat="max") == 32
     assert value("dapo_advantage", stat="min") == -1.7
     assert value("dapo_tokens_per_second", phase="generate") == 150.0

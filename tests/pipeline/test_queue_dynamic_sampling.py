@@ -160,8 +160,8 @@ def test_groups_with_zero_or_full_accuracy_are_dropped_and_rounds_counted():
     responses = batch.response_lengths()
     assert responses.tolist() == [len(t) for t in MIXED] * 2
     assert batch.loss_mask.sum() == responses.sum()
-    assert torch.all(batch.old_log_probs[batch.loss_mask] == LOGPROB)
-    assert torch.all(batch.old_log_probs[~batch.loss_mask] == 0.0)
+    assert torch.all(batch.rollout_log_probs[batch.loss_mask] == LOGPROB)
+    assert torch.all(batch.rollout_log_probs[~batch.loss_mask] == 0.0)
 
     assert queue_sample(queue, "dapo_queue_dropped_groups_total", reason="all_wrong") == 1
     assert queue_sample(queue, "dapo_queue_dropped_groups_total", reason="all_correct") == 1

@@ -71,6 +71,6 @@ def test_queue_fills_batches_from_the_fleet_across_a_weight_update(
         expected = reference_logprobs(
             model, batch.tokens[begin:prompt_end].tolist(), batch.tokens[prompt_end:end].tolist()
         )
-        got = batch.old_log_probs[prompt_end:end].double()
+        got = batch.rollout_log_probs[prompt_end:end].double()
         torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)
     assert stats1.dropped_stale == stats0.carried_out, "max_staleness=0 drops every carried group"

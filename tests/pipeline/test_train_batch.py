@@ -16,7 +16,7 @@ def _batch() -> TrainBatch:
         tokens=torch.tensor([5, 6, 7, 8, 9, 1, 2, 3]),
         sample_offsets=torch.tensor([0, 5, 8]),
         prompt_lengths=torch.tensor([2, 1]),
-        old_log_probs=torch.tensor([0.0, 0.0, -0.1, -0.2, -0.3, 0.0, -0.4, -0.5]),
+        rollout_log_probs=torch.tensor([0.0, 0.0, -0.1, -0.2, -0.3, 0.0, -0.4, -0.5]),
         loss_mask=torch.tensor([False, False, True, True, True, False, True, False]),
         advantages=torch.tensor([1.0, -1.0]),
         rewards=torch.tensor([1.0, -1.0]),
@@ -37,7 +37,9 @@ def test_select_reorders_samples_with_their_tokens() -> None:
     picked = _batch().select(torch.tensor([1, 0]))
     assert picked.tokens.tolist() == [1, 2, 3, 5, 6, 7, 8, 9]
     assert picked.sample_offsets.tolist() == [0, 3, 8]
-    assert picked.old_log_probs.tolist() == pytest.approx([0, -0.4, -0.5, 0, 0, -0.1, -0.2, -0.3])
+    assert picked.rollout_log_probs.tolist() == pytest.approx(
+        [0, -0.4, -0.5, 0, 0, -0.1, -0.2, -0.3]
+    )
     assert picked.advantages.tolist() == [-1.0, 1.0]
     assert picked.metadata[0]["finish_reason"] == "length"
     assert _batch().select(torch.tensor([], dtype=torch.int64)).num_samples == 0
@@ -47,14 +49,14 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     batch = _batch()
     batch.save(tmp_path / "b.pt")
     loaded = TrainBatch.load(tmp_path / "b.pt")
-    for name in ("tokens", "sample_offsets", "old_log_probs", "loss_mask", "advantages"):
+    for name in ("tokens", "sample_offsets", "rollout_log_probs", "loss_mask", "advantages"):
         assert torch.equal(getattr(loaded, name), getattr(batch, name))
     assert loaded.metadata == batch.metadata
 
 
 def test_load_refuses_another_schema_version(tmp_path: Path) -> None:
     torch.save({"schema_version": 99, "batch": {}}, tmp_path / "b.pt")
-    with pytest.raises(ValueError, match="schema version 99, expected 1"):
+    with pytest.raises(ValueError, match="schema version 99, expected 2"):
         TrainBatch.load(tmp_path / "b.pt")
 
 
@@ -69,6 +71,11 @@ def test_load_refuses_another_schema_version(tmp_path: Path) -> None:
             {"loss_mask": torch.tensor([True, False, True, True, True, False, True, False])},
             "False at prompt tokens",
         ),
+        (
+            {"rollout_log_probs": torch.tensor([0.0, 0.0, -0.1, float("nan"), -0.3, 0, -0.4, 0])},
+            "rollout_log_probs has 1 non-finite value",
+        ),
+        ({"advantages": torch.tensor([1.0, float("inf")])}, "advantages has 1 non-finite"),
     ],
 )
 def test_invalid_batches_are_rejected(change: dict, message: str) -> None:

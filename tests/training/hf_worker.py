@@ -21,9 +21,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from megatron_dapo.config.hf_architecture import model_fields_from_hf
 from megatron_dapo.config.schema import ModelConfig, ParallelismConfig
 from megatron_dapo.hf.convert import export_hf_checkpoint, load_hf_checkpoint
-from megatron_dapo.hf.mappings import model_fields_from_hf
 from megatron_dapo.mcore.logprobs import vocab_parallel_log_probs
 from megatron_dapo.mcore.model import build_model_chunks
 

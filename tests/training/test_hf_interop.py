@@ -22,10 +22,11 @@ from launch_helpers import run_torchrun
 from megatron.core.models.gpt import GPTModel
 from transformers import AutoModelForCausalLM
 
+from megatron_dapo.config.hf_architecture import model_fields_from_hf
 from megatron_dapo.config.schema import ModelConfig, ParallelismConfig
 from megatron_dapo.hf.convert import export_hf_checkpoint, load_hf_checkpoint
 from megatron_dapo.hf.gguf import convert_gguf_to_hf, smollm2_gguf
-from megatron_dapo.hf.mappings import AttentionShape, Rule, model_fields_from_hf, to_hf, to_megatron
+from megatron_dapo.hf.mappings import AttentionShape, Rule, to_hf, to_megatron
 from megatron_dapo.mcore.logprobs import fused_linear_log_probs, output_layer_input, output_weight
 from megatron_dapo.mcore.model import build_model_chunks
 

@@ -113,6 +113,8 @@ class _Capture:
 
     def _hook(self, name: str):
         def hook(module, args, output):
+            if not torch.is_grad_enabled():
+                return  # the forward-only pass that recomputes pi_old is not inspected
             out = output[0] if isinstance(output, tuple) else output
             iteration = self.iteration
             for tensor_name, tensor in (("activation", args[0]), ("output", out)):

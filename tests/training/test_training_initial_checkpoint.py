@@ -8,9 +8,9 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from megatron_dapo.config.hf_architecture import model_fields_from_hf
 from megatron_dapo.config.loading import load_config
 from megatron_dapo.hf.initial_checkpoint import write_random_checkpoint
-from megatron_dapo.hf.mappings import model_fields_from_hf
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo-cpu.yaml"
 

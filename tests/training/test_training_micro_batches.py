@@ -66,8 +66,9 @@ def test_row_targets_masks_and_positions_follow_each_sample() -> None:
         assert row.targets[0, cursor : cursor + n - 1].tolist() == next_tokens
         expected_mask = batch.loss_mask[start + 1 : end].tolist() + [False]
         assert row.loss_mask[0, span].tolist() == expected_mask
-        expected_old = batch.old_log_probs[start + 1 : end].tolist() + [0.0]
-        assert row.old_log_probs[0, span].tolist() == pytest.approx(expected_old)
+        expected_old = batch.rollout_log_probs[start + 1 : end].tolist() + [0.0]
+        assert row.rollout_log_probs[0, span].tolist() == pytest.approx(expected_old)
+        assert torch.equal(row.old_log_probs, row.rollout_log_probs)  # until recomputed
         assert torch.equal(row.advantages[0, span], batch.advantages[sample].expand(n))
         assert set(row.sequence_ids[0, span].tolist()) == {local_id}
         cursor += n

@@ -10,6 +10,7 @@ from training_helpers import random_train_batch, tiny_run_config
 
 from megatron_dapo.algo.aggregation import LossNormalizers, get_loss_aggregation
 from megatron_dapo.algo.policy_loss import get_policy_loss
+from megatron_dapo.config.schema import RolloutCorrectionConfig
 from megatron_dapo.mcore.parallel import DistributedEnv, destroy_parallel, initialize_parallel
 from megatron_dapo.mcore.policy_step import PolicyTrainer
 from pipeline.sglang_server import free_port
@@ -35,9 +36,10 @@ def _with(config, **sections):
     )
 
 
-def _unpacked_loss(trainer: PolicyTrainer, batch, normalizers: LossNormalizers):
-    """The global loss from full-vocabulary log_softmax, each sample alone (no packing/mask)."""
-    algorithm = trainer.config.algorithm
+def _unpacked_log_probs(trainer: PolicyTrainer, batch):
+    """From full-vocabulary log_softmax, each sample alone (no packing, no mask): the log-probs
+    and entropies of every target `[num targets]`, which batch tokens are targets (`keep`,
+    `[N]` bool) and each target's sample `[num targets]`."""
     (module,) = [chunk.module for chunk in trainer.chunks]
     log_probs, entropy, sequence_ids = [], [], []
     for sample in range(batch.num_samples):
@@ -53,10 +55,19 @@ def _unpacked_loss(trainer: PolicyTrainer, batch, normalizers: LossNormalizers):
         sequence_ids.append(torch.full((end - start - 1,), sample))
     keep = torch.ones(batch.num_tokens, dtype=torch.bool)
     keep[batch.sample_offsets[:-1]] = False  # the first token of a sample is never a target
-    mask, ids = batch.loss_mask[keep], torch.cat(sequence_ids)
+    return torch.cat(log_probs), torch.cat(entropy), keep, torch.cat(sequence_ids)
+
+
+def _unpacked_loss(trainer: PolicyTrainer, batch, normalizers: LossNormalizers):
+    """The global loss of the unpacked log-probs; pi_old is them (detached) when recomputed."""
+    algorithm = trainer.config.algorithm
+    log_probs, entropy, keep, ids = _unpacked_log_probs(trainer, batch)
+    mask = batch.loss_mask[keep]
+    recompute = algorithm.old_log_probs == "recompute"
+    old_log_probs = log_probs.detach() if recompute else batch.rollout_log_probs[keep]
     policy = get_policy_loss(algorithm.policy_loss)(
-        torch.cat(log_probs),
-        batch.old_log_probs[keep],
+        log_probs,
+        old_log_probs,
         batch.advantages[ids],
         mask,
         ids,
@@ -65,20 +76,28 @@ def _unpacked_loss(trainer: PolicyTrainer, batch, normalizers: LossNormalizers):
     loss = get_loss_aggregation(algorithm.loss_aggregation)(
         policy.token_loss, mask, ids, normalizers
     )
-    mean_entropy = (torch.cat(entropy) * mask).sum() / mask.sum()
+    mean_entropy = (entropy * mask).sum() / mask.sum()
     return loss, mean_entropy.item()
 
 
 @pytest.mark.parametrize(
-    ("policy_loss", "aggregation", "temperature"),
-    [("dapo", "token-mean", 1.0), ("grpo", "seq-mean-token-mean", 0.7)],
+    ("policy_loss", "aggregation", "temperature", "old_log_probs"),
+    [
+        ("dapo", "token-mean", 1.0, "rollout"),
+        ("grpo", "seq-mean-token-mean", 0.7, "rollout"),
+        ("dapo", "token-mean", 0.7, "recompute"),
+    ],
 )
 def test_packed_micro_batched_gradient_equals_unpacked_full_batch_gradient(
-    policy_loss: str, aggregation: str, temperature: float
+    policy_loss: str, aggregation: str, temperature: float, old_log_probs: str
 ) -> None:
     config = _with(
         tiny_run_config(max_tokens=40),
-        algorithm={"policy_loss": policy_loss, "loss_aggregation": aggregation},
+        algorithm={
+            "policy_loss": policy_loss,
+            "loss_aggregation": aggregation,
+            "old_log_probs": old_log_probs,
+        },
         optimizer={"clip_grad": 0.0},
         rollout={"temperature": temperature},
     )
@@ -111,10 +130,45 @@ def test_lr_warms_up_linearly_from_zero_over_mini_batches() -> None:
     config = tiny_run_config()  # lr 1e-2, 2 warm-up steps, mini-batches of 8 samples
     trainer = PolicyTrainer(config)
     batch = random_train_batch(0, (9, 7, 12, 5, 6, 11, 8, 10) * 3)
-    metrics = trainer.train(batch)
+    metrics = trainer.train(batch).optimizer_steps
     assert [m.lr for m in metrics] == pytest.approx([0.5e-2, 1e-2, 1e-2])
     loss_tokens = [int(batch.select(torch.arange(i, i + 8)).loss_mask.sum()) for i in (0, 8, 16)]
     assert [m.num_loss_tokens for m in metrics] == loss_tokens
+
+
+@pytest.mark.parametrize("mode", ["none", "token", "sequence"])
+def test_recomputed_pi_old_and_the_rollout_mismatch_match_an_unpacked_forward(mode: str) -> None:
+    config = _with(
+        tiny_run_config(max_tokens=40),
+        algorithm={"rollout_correction": RolloutCorrectionConfig(mode=mode, threshold=1.5)},
+    )
+    trainer = PolicyTrainer(config)
+    batch = random_train_batch(4)
+    log_probs, _, keep, ids = _unpacked_log_probs(trainer, batch)
+    mask = batch.loss_mask[keep]
+    diff = (log_probs.detach() - batch.rollout_log_probs[keep])[mask].double()
+    weights = diff.exp()  # pi_old / pi_rollout per token, or per sequence in sequence mode
+    if mode == "sequence":
+        per_sequence = torch.zeros(batch.num_samples, dtype=torch.float64).index_add(
+            0, ids[mask], diff
+        )
+        weights = per_sequence.exp()[ids[mask]]
+
+    result = trainer.train(batch)
+
+    (step,) = result.optimizer_steps
+    mismatch = result.mismatch
+    # pi_old is the policy itself before the first update: ratio 1, nothing clipped
+    assert (step.clip_fraction_low, step.clip_fraction_high, step.approx_kl) == (0.0, 0.0, 0.0)
+    k3 = diff.exp() - 1 - diff  # KL(pi_rollout || pi_old), tokens sampled from pi_rollout
+    assert mismatch.mean_kl() == pytest.approx(k3.mean().item(), rel=1e-4)
+    assert mismatch.mean_abs_diff() == pytest.approx(diff.abs().mean().item(), rel=1e-5)
+    assert float(mismatch.max_abs_diff) == pytest.approx(diff.abs().max().item(), rel=1e-5)
+    truncated = (weights > 1.5).double().mean().item() if mode != "none" else 0.0
+    assert mismatch.truncated_fraction() == pytest.approx(truncated)
+    assert int(mismatch.num_tokens) == int(mask.sum()) and result.old_log_prob_seconds > 0
+    rollout = PolicyTrainer(_with(tiny_run_config(), algorithm={"old_log_probs": "rollout"}))
+    assert rollout.train(batch).mismatch is None
 
 
 def test_moe_step_reports_aux_loss_and_expert_load() -> None:
@@ -131,10 +185,13 @@ def test_moe_step_reports_aux_loss_and_expert_load() -> None:
 
 
 def test_bf16_policy_with_fp32_main_params_lowers_the_loss_on_a_fixed_batch() -> None:
-    config = tiny_run_config()
+    # a fixed pi_old (the rollout's): with pi_old recomputed every step the surrogate's value
+    # is -mean(A) before each update, whatever the policy
     trainer = PolicyTrainer(
-        config.model_copy(
-            update={"model": config.model.model_copy(update={"params_dtype": "bfloat16"})}
+        _with(
+            tiny_run_config(),
+            model={"params_dtype": "bfloat16"},
+            algorithm={"old_log_probs": "rollout"},
         )
     )
     assert next(trainer.chunks[0].parameters()).dtype == torch.bfloat16
@@ -168,10 +225,10 @@ def test_nonfinite_loss_skips_the_optimizer_step_and_leaves_parameters_unchanged
     params = list(trainer.chunks[0].parameters())
     before = [p.detach().clone() for p in params]
     with _overflowing_forward(trainer):
-        (skipped,) = trainer.train(batch)
+        (skipped,) = trainer.train(batch).optimizer_steps
     assert not skipped.update_successful
     assert all(torch.equal(b, p) for b, p in zip(before, params, strict=True))
-    (taken,) = trainer.train(batch)  # the next finite step trains normally
+    (taken,) = trainer.train(batch).optimizer_steps  # the next finite step trains normally
     assert taken.update_successful and torch.isfinite(torch.tensor(taken.grad_norm))
     assert any(not torch.equal(b, p) for b, p in zip(before, params, strict=True))
 

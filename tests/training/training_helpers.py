@@ -87,7 +87,7 @@ def random_train_batch(
         tokens=torch.randint(0, vocab, (num_tokens,), generator=generator),
         sample_offsets=offsets,
         prompt_lengths=prompts,
-        old_log_probs=torch.where(response, old_log_probs, 0.0),
+        rollout_log_probs=torch.where(response, old_log_probs, 0.0),
         loss_mask=response & ~filtered[sample_of_token],
         advantages=torch.randn(num_samples, generator=generator),
         rewards=torch.randn(num_samples, generator=generator),
