@@ -16,7 +16,8 @@ environment, so an explicit environment variable always wins over the config. Pr
     launch.slurm_account       DAPO_SLURM_ACCOUNT     (empty when unset)
     launch.slurm_time          DAPO_SLURM_TIME        wall-clock limit, HH:MM:SS
     model.hf_checkpoint        DAPO_SGLANG_MODEL      the fleet's --model-path (empty when unset)
-    rollout.server_args        DAPO_SGLANG_ARGS       extra `sglang.launch_server` flags
+    model.params_dtype,        DAPO_SGLANG_ARGS       `--dtype` of the policy, then the extra
+    rollout.server_args                               `sglang.launch_server` flags
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import sys
 
 from megatron_dapo.config.loading import ConfigError, load_config
 from megatron_dapo.config.schema import RunConfig
+from pipeline.sglang_server import sglang_dtype_args
 
 
 def launch_settings(config: RunConfig) -> dict[str, str]:
@@ -42,7 +44,9 @@ def launch_settings(config: RunConfig) -> dict[str, str]:
         "DAPO_SLURM_ACCOUNT": launch.slurm_account or "",
         "DAPO_SLURM_TIME": launch.slurm_time,
         "DAPO_SGLANG_MODEL": config.model.hf_checkpoint or "",
-        "DAPO_SGLANG_ARGS": shlex.join(config.rollout.server_args),
+        "DAPO_SGLANG_ARGS": shlex.join(
+            (*sglang_dtype_args(config.model.params_dtype), *config.rollout.server_args)
+        ),
     }
 
 

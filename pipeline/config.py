@@ -7,9 +7,10 @@ composes them into the run configuration. Lengths are in tokens, times in second
 
 from __future__ import annotations
 
+import string
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -91,11 +92,27 @@ class DataConfig(Section):
     prompt_key: str = "prompt"
     answer_key: str = "reward_model.ground_truth"
     """Dotted path of the reference answer in a row (DAPO-Math-17k layout by default)."""
+    prompt_template: str | None = None
+    """Rewrites the last user message of every row as `prompt_template.format(prompt=...)`,
+    e.g. to add the answer format a reward expects; `{prompt}` must appear once, and no other
+    field (`{{` / `}}` for literal braces)."""
     max_prompt_length: int = Field(2048, ge=1)
     """Prompts longer than this (in tokens, after the chat template) are counted and skipped."""
     apply_chat_template: bool = True
     shuffle: bool = True
     seed: int = 1
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _one_prompt_field(cls, template: str | None) -> str | None:
+        if template is None:
+            return None
+        fields = [
+            field for _, field, _, _ in string.Formatter().parse(template) if field is not None
+        ]
+        if fields != ["prompt"]:
+            raise ValueError(f"must hold the field {{prompt}} once and no other, found {fields}")
+        return template
 
     @model_validator(mode="after")
     def _check_source(self) -> DataConfig:

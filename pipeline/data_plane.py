@@ -53,6 +53,8 @@ class DataPlaneConfig(Section):
     """Groups (prompts) in the training batch of one step."""
     run_name: str
     """The `run` label of the queue and fleet series."""
+    policy_dtype: str
+    """The policy's parameter dtype (`model.params_dtype`): embedded servers compute in it."""
 
 
 class DataPlane:
@@ -75,6 +77,7 @@ class DataPlane:
             model_path=str(model_path),
             log_dir=run_dir / "fleet",
             cpu_defaults=not torch.cuda.is_available(),  # GPU servers keep SGLang's defaults
+            dtype=config.policy_dtype,
         )
         self.fleet = RolloutFleet(config.rollout, embedded)
         self.fleet.start()

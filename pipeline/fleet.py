@@ -36,6 +36,7 @@ from pipeline.sglang_server import (
     ManagedProcess,
     free_port,
     http_get,
+    sglang_dtype_args,
     sglang_server_argv,
     start_router,
 )
@@ -56,6 +57,8 @@ class EmbeddedFleetOptions:
         start_timeout_s: deadline for all servers to become healthy, seconds.
         cpu_defaults: prepend `CPU_SERVER_ARGS` to the configured `server_args`.
         threads_per_server: OMP/MKL threads of each server process.
+        dtype: the policy's parameter dtype, served as such (`sglang_dtype_args`); None =
+            SGLang's choice. `server_args` may still override it.
     """
 
     model_path: str
@@ -63,6 +66,7 @@ class EmbeddedFleetOptions:
     start_timeout_s: float = 300.0
     cpu_defaults: bool = True
     threads_per_server: int = 1
+    dtype: str | None = None
 
 
 class RolloutFleet:
@@ -117,7 +121,7 @@ class RolloutFleet:
         """Start embedded server `index` on a free port; its URL goes to `worker_urls[index]`."""
         threads = str(options.threads_per_server)
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        extra = self.config.server_args
+        extra = (*sglang_dtype_args(options.dtype), *self.config.server_args)
         if options.cpu_defaults:
             extra = (*CPU_SERVER_ARGS, *extra)
         if self.config.deterministic:

@@ -185,7 +185,20 @@ def load_rows(config: DataConfig) -> list[PromptRow]:
         rows = _read_file(config)
     if config.max_answer_chars is not None:
         rows = [row for row in rows if len(row.ground_truth) <= config.max_answer_chars]
+    if config.prompt_template is not None:
+        rows = [_with_template(row, config.prompt_template) for row in rows]
     return rows
+
+
+def _with_template(row: PromptRow, template: str) -> PromptRow:
+    """`row` with its last user message rewritten as `template.format(prompt=content)`."""
+    users = [i for i, m in enumerate(row.messages) if m["role"] == "user"]
+    if not users:
+        raise ValueError(f"data.prompt_template needs a user message; a row has {row.messages}")
+    last_user = users[-1]
+    messages = [dict(m) for m in row.messages]
+    messages[last_user]["content"] = template.format(prompt=messages[last_user]["content"])
+    return PromptRow(messages, row.ground_truth)
 
 
 class PromptSource:

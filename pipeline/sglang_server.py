@@ -36,6 +36,14 @@ CPU_SERVER_ARGS = (
 )
 """Flags for SGLang on CPU: bounded KV-cache reservation (else ~15 GB) and no idle spinning."""
 
+
+def sglang_dtype_args(dtype: str | None) -> tuple[str, ...]:
+    """`--dtype` for servers of a policy trained in `dtype` (`model.params_dtype`), so the fleet
+    computes in the trainer's precision; SGLang's `auto` would serve a float32 checkpoint in
+    float16. () for None (SGLang's own choice)."""
+    return ("--dtype", dtype) if dtype is not None else ()
+
+
 DETERMINISTIC_SERVER_FLAG = "--enable-deterministic-inference"
 """Makes SGLang honour each request's `sampling_seed` (on CPU: launch/sglang_cpu_platform)."""
 

@@ -15,6 +15,7 @@ learning rates per optimizer step.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,7 +85,7 @@ class ModelConfig(Section):
 
     hf_checkpoint: str | None = None
     """Directory of an HF-format checkpoint (config.json + safetensors) the policy starts from:
-    every rank loads its shards of it before training."""
+    every rank loads its shards of it before training. `~` expands to the home directory."""
     random_init: Literal[SUPPORTED_MODEL_TYPES] | None = None  # type: ignore[valid-type]
     """If set and `hf_checkpoint` does not exist yet, the trainer first writes a random-weight
     checkpoint of this architecture there (sizes from this section, the project's
@@ -114,6 +115,7 @@ class ModelConfig(Section):
     def _architecture_from_checkpoint(cls, data: Any) -> Any:
         if not isinstance(data, dict) or not data.get("hf_checkpoint"):
             return data
+        data = {**data, "hf_checkpoint": os.path.expanduser(str(data["hf_checkpoint"]))}
         config_json = Path(data["hf_checkpoint"]) / "config.json"
         if not config_json.is_file():
             return data  # written later (`random_init`) or missing (the trainer says so)
@@ -429,6 +431,7 @@ class RunConfig(Section):
             advantage=self.algorithm.advantage,
             groups_per_step=self.training.prompts_per_step,
             run_name=self.metrics.run_name,
+            policy_dtype=self.model.params_dtype,
         )
 
     @property

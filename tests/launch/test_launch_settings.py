@@ -78,7 +78,7 @@ def test_overrides_apply_to_the_launch_settings() -> None:
 
     assert settings["DAPO_ROLLOUT_NODES"] == "3"
     assert settings["DAPO_SGLANG_MODEL"] == "/models/policy"
-    assert settings["DAPO_SGLANG_ARGS"] == "--tp 2"
+    assert settings["DAPO_SGLANG_ARGS"] == "--dtype float32 --tp 2"  # the policy's precision
 
 
 def test_torchrun_command_takes_settings_from_config_overrides_and_environment(

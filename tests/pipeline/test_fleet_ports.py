@@ -66,3 +66,20 @@ def test_a_port_that_stays_taken_is_an_error(
     log = (tmp_path / "sglang-0.log").read_text()
     assert log.count("Address already in use") == PORT_CLASH_RETRIES + 1
     assert not any(process.is_running() for process in fleet.processes)
+
+
+def test_embedded_servers_compute_in_the_policy_dtype(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv_seen = []
+
+    def recording_argv(model_path, port, host="127.0.0.1", extra_args=()):
+        argv_seen.append(list(extra_args))
+        return _stand_in_argv(model_path, port)
+
+    monkeypatch.setattr(fleet_module, "sglang_server_argv", recording_argv)
+    options = EmbeddedFleetOptions("unused", tmp_path, cpu_defaults=False, dtype="float32")
+    config = RolloutConfig(num_servers=1, server_args=("--tp", "1"))
+    with RolloutFleet(config, options):
+        pass
+    assert argv_seen == [["--dtype", "float32", "--tp", "1"]]  # server_args may override it

@@ -49,6 +49,31 @@ def test_dapo_math_layout_is_read_from_files(tmp_path, tokenizer, source):
     )
 
 
+def test_prompt_template_rewrites_the_last_user_message(tmp_path, tokenizer):
+    rows = dapo_rows(2)
+    rows[1]["prompt"] = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is {x}?"},  # braces in data are kept as they are
+    ]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    template = "{prompt} Reply with {{the number}} only."
+    config = DataConfig(source="jsonl", path=str(path), shuffle=False, prompt_template=template)
+    first, second = load_rows(config)
+    assert first.messages == [
+        {"role": "user", "content": "What is 0 + 0? Reply with {the number} only."}
+    ]
+    assert second.messages[0] == {"role": "system", "content": "Be brief."}
+    assert second.messages[1]["content"] == "What is {x}? Reply with {the number} only."
+    for bad, found in (
+        ("Answer: {answer}", "['answer']"),
+        ("no field", "[]"),
+        ("{prompt}{prompt}", "['prompt', 'prompt']"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(f"no other, found {found}")):
+            DataConfig(source="jsonl", path=str(path), prompt_template=bad)
+
+
 def test_reasoning_gym_task_gives_questions_and_answers():
     config = DataConfig(source="reasoning_gym", task="basic_arithmetic", task_size=4, seed=3)
     rows = load_rows(config)
