@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from tests.e2e.train_runs import failure_excerpt
+
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 2
 
@@ -46,7 +48,7 @@ def test_smollm2_trains_on_its_own_samples(smollm2_checkpoint: Path, tmp_path: P
     result = subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
     )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert result.returncode == 0, failure_excerpt(result.stdout + result.stderr)
 
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == list(range(STEPS))

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from pipeline.sglang_server import free_port
 from tests.e2e.prometheus_server import PrometheusServer
-from tests.e2e.train_runs import processes_mentioning
+from tests.e2e.train_runs import failure_excerpt, processes_mentioning
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
@@ -50,7 +50,7 @@ def test_two_rank_training_run_with_a_real_fleet(tmp_path: Path) -> None:
         )
         kept = prometheus.wait_for('last_over_time(dapo_queue_kept_groups_total{run="e2e"}[10m])')
     output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+    assert result.returncode == 0, failure_excerpt(output)
 
     summaries = re.findall(
         rf"step (\d+)/{STEPS} \| reward ([-+.\d]+) acc ([.\d]+) \| entropy ([.\d]+)", output

@@ -50,7 +50,14 @@ def finish(process: subprocess.Popen[bytes], log: Path, timeout_s: float = 600.0
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    assert process.returncode == 0, log.read_text()[-4000:]
+    assert process.returncode == 0, failure_excerpt(log.read_text())
+
+
+def failure_excerpt(output: str, lines: int = 40) -> str:
+    """What a failed run printed that says why: rank 0's last lines (a rank that crashes first
+    makes the others fail with connection errors, which fill the tail), then the tail."""
+    rank0 = [line for line in output.splitlines() if line.startswith("[rank0]")]
+    return "\n".join(rank0[-lines:]) + "\n...\n" + output[-3000:]
 
 
 def step_records(run_dir: Path) -> list[dict]:

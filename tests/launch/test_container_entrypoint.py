@@ -65,7 +65,8 @@ def test_fleet_role_serves_the_configured_model_with_env_and_argument_flags() ->
 
     model = load_config(DEMO_CONFIG).model.hf_checkpoint
     server = [python, "-m", "sglang.launch_server", "--model-path"]
-    assert from_config == [*server, model, "--host", "0.0.0.0", "--port", "30000"]
+    policy_dtype = ["--dtype", "float32"]  # the fleet computes in the policy's dtype
+    assert from_config == [*server, model, "--host", "0.0.0.0", "--port", "30000", *policy_dtype]
     assert from_env == [
         *server,
         "/models/policy",

@@ -62,9 +62,11 @@ SHARDED = (
 
 
 @torch.no_grad()
-def make_hf_checkpoint(model_type: str, directory: Path, seed: int = 0):
-    """A random fp32 transformers model of `model_type` saved to `directory`; returns it."""
-    config = AutoConfig.for_model(model_type, **_COMMON, **ARCHITECTURES[model_type])
+def make_hf_checkpoint(model_type: str, directory: Path, seed: int = 0, **changes):
+    """A random fp32 transformers model of `model_type` (config fields `changes` on top of
+    the tiny defaults) saved to `directory`; returns it."""
+    fields = {**_COMMON, **ARCHITECTURES[model_type], **changes}
+    config = AutoConfig.for_model(model_type, **fields)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     for param in model.parameters():  # norms start at 1 and biases at 0: make every tensor count
