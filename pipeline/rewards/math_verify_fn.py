@@ -22,7 +22,8 @@ def math_verify_reward(response: str, ground_truth: str) -> RewardResult:
     """Reward one response by mathematical equivalence (math-verify).
 
     The prediction is the text after the last ``Answer:`` (DAPO-Math format), parsed as LaTeX
-    math (wrapped in ``$...$``); without an ``Answer:`` line the whole response is parsed
+    math (wrapped in ``$...$``); without an ``Answer:`` line, or when nothing follows the last
+    one (``extract_final_answer`` gives None), the whole response is parsed
     (``\\boxed{}``, ``$...$`` and plain expressions, math-verify's defaults). The ground truth
     is parsed as ``\\boxed{ground_truth}``.
 
