@@ -144,16 +144,16 @@ def run(config: RunConfig) -> None:
     from megatron_dapo.mcore.policy_step import PolicyTrainer
     from megatron_dapo.mcore.tensor_inspect import install_tensor_inspection
     from megatron_dapo.report.prometheus import TrainerMetricsExporter
-    from megatron_dapo.report.step_report import StepReporter, summarize_step
+    from megatron_dapo.report.step_report import StepReporter, run_summary, summarize_step
     from pipeline.data_plane import DataPlane
 
-    # Megatron-Core warns about every optional GPU library it does not find (Apex, TE, ...) and
-    # torch about deprecated collectives Megatron calls; neither is actionable in a run log.
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    # torch deprecates collectives that Megatron-Core calls: not actionable in a run log
+    warnings.filterwarnings("ignore", message=r".* is deprecated", module=r"torch\.distributed")
     apply_cpu_patches()
     initialize_parallel(config.parallelism, DistributedEnv.from_environ(), config.training.seed)
     is_rank0 = dist.get_rank() == 0
+    if is_rank0:
+        print(run_summary(config), flush=True)
     run_dir = Path(config.checkpoint.dir).parent
     initial = _prepare_initial_checkpoint(config)
     trainer = PolicyTrainer(config)

@@ -38,6 +38,12 @@ class RolloutConfig(Section):
     """G, the number of responses sampled per prompt (group size)."""
     max_response_length: int = Field(20480, ge=1)
     """L_max: the generation limit per response, in tokens."""
+    stop_token_ids: tuple[int, ...] | None = None
+    """Token ids that end a response (besides SGLang's own end-of-sequence ids); None = the
+    checkpoint's end-of-sequence ids and its chat template's end-of-turn token
+    (`pipeline.stop_tokens`), () = none."""
+    stop: tuple[str, ...] = ()
+    """Strings that end a response (SGLang `stop`)."""
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1)
@@ -140,6 +146,10 @@ class RewardConfig(Section):
     """Registered name (`dapo_math`, `math_verify`) or `package.module:function`."""
     timeout_s: float = Field(10.0, gt=0.0)
     num_workers: int = Field(2, ge=1)
+    score_truncated: Literal["as_is", "wrong"] = "wrong"
+    """A response cut at `rollout.max_response_length` (finish reason `length`): `wrong` scores
+    it as wrong (a cut-off `Answer: 14` of 144 is no correct answer), before dynamic sampling
+    filters groups on correctness; `as_is` scores its text like any other (verl)."""
     overlong: OverlongConfig = OverlongConfig()
 
 

@@ -31,6 +31,7 @@ from pipeline.config import (
     RolloutConfig,
     Section,
 )
+from pipeline.stop_tokens import resolve_stop_token_ids
 
 if TYPE_CHECKING:  # the run config imports this module: keep its import light
     from prometheus_client import CollectorRegistry
@@ -68,8 +69,13 @@ class DataPlane:
         registry: CollectorRegistry,
     ):
         from pipeline.fleet import EmbeddedFleetOptions, RolloutFleet
+        from pipeline.sglang_server import sample_token_budget
 
         self.config = config
+        # the longest request: every server must hold it (embedded ones are started so)
+        self.sample_tokens = sample_token_budget(
+            config.data.max_prompt_length, config.rollout.max_response_length
+        )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
@@ -78,6 +84,7 @@ class DataPlane:
             log_dir=run_dir / "fleet",
             cpu_defaults=not torch.cuda.is_available(),  # GPU servers keep SGLang's defaults
             dtype=config.policy_dtype,
+            sample_tokens=self.sample_tokens,
         )
         self.fleet = RolloutFleet(config.rollout, embedded)
         self.fleet.start()
@@ -104,6 +111,7 @@ class DataPlane:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         self._session = aiohttp.ClientSession()
         self.client = self.fleet.client(self._session, FleetMetrics(registry, run=config.run_name))
+        await self.client.check_request_capacity(self.sample_tokens)
         self.scorer = get_reward_scorer(
             config.reward.function, config.reward.num_workers, config.reward.timeout_s
         )
@@ -118,6 +126,8 @@ class DataPlane:
             sampling=config.sampling,
             overlong=config.reward.overlong,
             metrics=QueueMetrics(registry, run=config.run_name),
+            stop_token_ids=resolve_stop_token_ids(config.rollout.stop_token_ids, model_path),
+            score_truncated=config.reward.score_truncated,
         )
         self.broadcaster = None
         if config.rollout.weight_sync == "distributed":

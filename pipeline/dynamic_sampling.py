@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -44,9 +44,13 @@ from pipeline.advantages import AdvantageConfig, compute_advantages
 from pipeline.config import DynamicSamplingConfig, OverlongConfig, RolloutConfig
 from pipeline.group_filter import filter_groups
 from pipeline.metrics import QueueMetrics
-from pipeline.overlong import overlong_keep_mask, soft_overlong_punishment
+from pipeline.overlong import (
+    TRUNCATED_FINISH_REASON,
+    overlong_keep_mask,
+    soft_overlong_punishment,
+)
 from pipeline.prompts import Prompt, PromptSource
-from pipeline.rewards.base import RewardScorer
+from pipeline.rewards.base import RewardResult, RewardScorer
 from pipeline.rollout_client import RolloutEngine
 from pipeline.sglang_client import Generation, SamplingParams
 from pipeline.train_batch import TrainBatch
@@ -172,6 +176,9 @@ class DynamicSamplingQueue:
         overlong: soft punishment and overlong filtering.
         async_mode: allow `start_prefetch` (needs `rollout.max_staleness >= 1`).
         metrics: queue metrics (a private registry when not given).
+        stop_token_ids: token ids that end a response.
+        score_truncated: `wrong` scores a response truncated at the length limit as wrong
+            (its reward call is skipped), `as_is` scores its text like any other.
     """
 
     prompts: PromptSource
@@ -185,6 +192,11 @@ class DynamicSamplingQueue:
     overlong: OverlongConfig
     async_mode: bool = False
     metrics: QueueMetrics = field(default_factory=QueueMetrics)
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end a response (resolved from `rollout.stop_token_ids` or the
+    checkpoint by the data plane)."""
+    score_truncated: Literal["as_is", "wrong"] = "wrong"
+    """`reward.score_truncated`: how a response cut at the length limit is scored."""
     _ready: deque[ScoredGroup] = field(default_factory=deque, init=False)
     _prefetch: asyncio.Task[StepStats] | None = field(default=None, init=False)
     _next_group_id: int = field(default=0, init=False)
@@ -211,6 +223,8 @@ class DynamicSamplingQueue:
             temperature=self.rollout.temperature,
             top_p=self.rollout.top_p,
             top_k=self.rollout.top_k,
+            stop_token_ids=self.stop_token_ids,
+            stop=self.rollout.stop,
         )
 
     @property
@@ -403,10 +417,20 @@ class DynamicSamplingQueue:
         return replace(self.params, sampling_seed=seed)
 
     async def _score(self, prompt: Prompt, generations: Sequence[Generation]) -> ScoredGroup:
-        pairs = [(self.decode(g.output_ids), prompt.ground_truth) for g in generations]
+        # `score_truncated: wrong`: a response cut at the length limit is wrong whatever its
+        # prefix says (`Answer: 14` of a cut-off 144), and its reward call is saved.
+        judged = [
+            i
+            for i, g in enumerate(generations)
+            if self.score_truncated == "as_is" or g.finish_reason != TRUNCATED_FINISH_REASON
+        ]
+        pairs = [(self.decode(generations[i].output_ids), prompt.ground_truth) for i in judged]
         begin = time.monotonic()
-        results = await asyncio.to_thread(self.scorer.score_batch, pairs)
+        scored = await asyncio.to_thread(self.scorer.score_batch, pairs) if pairs else []
         scoring_seconds = time.monotonic() - begin
+        results = [RewardResult.from_correctness(False, None)] * len(generations)
+        for i, result in zip(judged, scored, strict=True):
+            results[i] = result
         scores = torch.tensor([r.score for r in results], dtype=torch.float32)
         rewards = scores
         if self.overlong.soft_punishment:

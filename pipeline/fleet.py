@@ -31,9 +31,9 @@ from pipeline.metrics import FleetMetrics
 from pipeline.rollout_client import RevivalPolicy, RolloutClient
 from pipeline.sglang_client import RetryPolicy, SGLangServerClient
 from pipeline.sglang_server import (
-    CPU_SERVER_ARGS,
     DETERMINISTIC_SERVER_FLAG,
     ManagedProcess,
+    cpu_server_args,
     free_port,
     http_get,
     sglang_dtype_args,
@@ -55,7 +55,7 @@ class EmbeddedFleetOptions:
         model_path: HF model directory served (tokenizer included).
         log_dir: one `<name>.log` per process.
         start_timeout_s: deadline for all servers to become healthy, seconds.
-        cpu_defaults: prepend `CPU_SERVER_ARGS` to the configured `server_args`.
+        cpu_defaults: prepend `cpu_server_args(sample_tokens)` to the configured `server_args`.
         threads_per_server: OMP/MKL threads of each server process.
         dtype: the policy's parameter dtype, served as such (`sglang_dtype_args`); None =
             SGLang's choice. `server_args` may still override it.
@@ -66,6 +66,9 @@ class EmbeddedFleetOptions:
     start_timeout_s: float = 300.0
     cpu_defaults: bool = True
     threads_per_server: int = 1
+    sample_tokens: int = 0
+    """The longest request the run sends (`sample_token_budget`): CPU servers get a KV pool
+    that holds it, so SGLang never lowers `max_new_tokens` below the configured length."""
     dtype: str | None = None
 
 
@@ -123,7 +126,7 @@ class RolloutFleet:
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         extra = (*sglang_dtype_args(options.dtype), *self.config.server_args)
         if options.cpu_defaults:
-            extra = (*CPU_SERVER_ARGS, *extra)
+            extra = (*cpu_server_args(options.sample_tokens), *extra)
         if self.config.deterministic:
             extra = (*extra, DETERMINISTIC_SERVER_FLAG)
         port = free_port()

@@ -111,6 +111,27 @@ class RolloutClient:
         self._weights_lock = asyncio.Lock()
         self.metrics.live_servers.set(len(self.workers))
 
+    async def check_request_capacity(self, sample_tokens: int) -> None:
+        """Every worker can serve a request of `sample_tokens` tokens (`sample_token_budget`)
+        without lowering its `max_new_tokens`.
+
+        Raises:
+            ServerRequestError: the workers too small, each with its capacity.
+        """
+        capacities = await asyncio.gather(*(w.request_capacity() for w in self.workers))
+        small = [
+            f"{worker.url} ({capacity} tokens)"
+            for worker, capacity in zip(self.workers, capacities, strict=True)
+            if capacity < sample_tokens
+        ]
+        if small:
+            raise ServerRequestError(
+                f"a sample needs {sample_tokens} tokens of a server's context and KV pool "
+                f"(data.max_prompt_length + rollout.max_response_length + the server's "
+                f"reserve), more than {', '.join(small)} can hold: start the servers with a "
+                "larger --context-length / --max-total-tokens, or lower the lengths"
+            )
+
     @property
     def live_workers(self) -> list[SGLangServerClient]:
         return [w for w in self.workers if w.url not in self._dead]

@@ -39,6 +39,10 @@ class ServerRequestError(RuntimeError):
     """The server answered with an error that retrying will not fix (4xx, `success: false`)."""
 
 
+class ResponseCutShort(ServerRequestError):
+    """A server ended a response at its own limit, below the request's `max_new_tokens`."""
+
+
 class MalformedResponse(ServerRequestError):
     """The server answered 2xx with a body that is not the `/generate` schema (not JSON, or
     fields missing or of the wrong type)."""
@@ -53,6 +57,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1
     stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     sampling_seed: int | None = None
     """Seeds this request's sampling (servers started with `--enable-deterministic-inference`)."""
@@ -67,6 +72,8 @@ class SamplingParams:
         }
         if self.stop_token_ids:
             params["stop_token_ids"] = list(self.stop_token_ids)
+        if self.stop:
+            params["stop"] = list(self.stop)
         if self.sampling_seed is not None:
             params["sampling_seed"] = self.sampling_seed
         return params
@@ -179,6 +186,18 @@ class SGLangServerClient:
         except (aiohttp.ClientError, TimeoutError):
             return False
 
+    async def _get(self, path: str) -> Any:
+        """GET `path` once; the decoded JSON body."""
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        try:
+            async with self.session.get(f"{self.url}{path}", timeout=timeout) as response:
+                status, text = response.status, await response.text()
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise ServerUnavailable(f"{self.url}{path} did not answer: {error!r}") from error
+        if status != 200:
+            raise ServerRequestError(f"{self.url}{path} -> {status}: {text[:500]}")
+        return _decode(text)
+
     async def _post(self, path: str, payload: dict[str, Any] | None) -> Any:
         """POST with retries; the decoded JSON body (None for an empty body)."""
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
@@ -224,19 +243,53 @@ class SGLangServerClient:
     async def generate(
         self, input_ids: Sequence[int], params: SamplingParams, rid: str | None = None
     ) -> Generation:
-        """Generate one response to `input_ids` ([P] token ids), waiting for a free slot."""
-        body = await self._post_generate(
-            {
-                "input_ids": list(input_ids),
-                "sampling_params": params.to_json(),
-                "return_logprob": True,
-                "rid": rid or uuid.uuid4().hex,
-            }
-        )
+        """Generate one response to `input_ids` ([P] token ids), waiting for a free slot.
+
+        Raises:
+            ServerRequestError: the server refused the request (the message names the prompt
+                length and `max_new_tokens`).
+            ResponseCutShort: the server stopped the response at its context or KV-pool limit
+                before `max_new_tokens` (SGLang does so silently).
+        """
+        request = f"prompt of {len(input_ids)} tokens, max_new_tokens {params.max_new_tokens}"
+        try:
+            body = await self._post_generate(
+                {
+                    "input_ids": list(input_ids),
+                    "sampling_params": params.to_json(),
+                    "return_logprob": True,
+                    "rid": rid or uuid.uuid4().hex,
+                }
+            )
+        except ServerRequestError as error:
+            raise ServerRequestError(f"{error} (request: {request})") from error
         generation = Generation.from_response(body, self.url)
+        length = len(generation.output_ids)
+        if generation.finish_reason == "length" and length < params.max_new_tokens:
+            raise ResponseCutShort(
+                f"{self.url} ended a response at {length} tokens, finish reason 'length' "
+                f"({request}): its context or KV pool cannot hold the request; give it more "
+                "(SGLang --context-length / --max-total-tokens) or lower the lengths"
+            )
         self.metrics.requests.labels(self.url).inc()
         self.metrics.generated_tokens.inc(len(generation.output_ids))
         return generation
+
+    async def request_capacity(self) -> int:
+        """min(context length, KV pool) of this server, in tokens: what one request may span
+        (see `sglang_server.sample_token_budget`). Read from `/server_info`'s
+        `max_req_input_len`, which SGLang sets to that capacity - 6.
+
+        Raises:
+            MalformedResponse: `/server_info` does not hold it.
+        """
+        info = await self._get("/server_info")
+        try:
+            return int(info["max_req_input_len"]) + 6
+        except (KeyError, TypeError, ValueError) as error:
+            raise MalformedResponse(
+                f"{self.url}/server_info has no max_req_input_len ({error!r}): {str(info)[:200]!r}"
+            ) from error
 
     async def sequence_logprobs(self, input_ids: Sequence[int]) -> tuple[float, ...]:
         """[L - 1] log p(input_ids[t] | input_ids[:t]) for t = 1..L-1, nats, under the served

@@ -22,6 +22,9 @@ from pathlib import Path
 
 from pipeline.parent_death import exit_with_parent
 
+CPU_KV_TOKENS = 8192
+"""KV pool of a CPU server, in tokens (SGLang would reserve ~15 GB), unless a sample needs more."""
+
 CPU_SERVER_ARGS = (
     "--device",
     "cpu",
@@ -29,12 +32,32 @@ CPU_SERVER_ARGS = (
     "torch_native",
     "--skip-server-warmup",
     "--sleep-on-idle",
-    "--max-total-tokens",
-    "8192",
     "--max-running-requests",
     "16",
 )
-"""Flags for SGLang on CPU: bounded KV-cache reservation (else ~15 GB) and no idle spinning."""
+"""Flags for SGLang on CPU: the native attention, no warm-up and no idle spinning; the KV pool
+comes from `cpu_server_args`."""
+
+SERVER_RESERVED_TOKENS = 2
+"""Tokens of a request's budget SGLang keeps for itself. With capacity = min(context length, KV
+pool), it serves prompt + max_new_tokens + 2 <= capacity and silently lowers `max_new_tokens`
+of longer requests, and it refuses prompts of capacity - 6 tokens or more
+(`managers/tp_worker.py`: max_req_len = capacity - 1, max_req_input_len = max_req_len - 5)."""
+PROMPT_RESERVED_TOKENS = 7
+"""prompt + 7 <= capacity: the prompt limit above."""
+
+
+def sample_token_budget(max_prompt_length: int, max_response_length: int) -> int:
+    """The capacity (min(context length, KV pool), tokens) a server needs so that a prompt of up
+    to `max_prompt_length` tokens always gets its `max_response_length` new tokens."""
+    return max_prompt_length + max(
+        max_response_length + SERVER_RESERVED_TOKENS, PROMPT_RESERVED_TOKENS
+    )
+
+
+def cpu_server_args(sample_tokens: int) -> tuple[str, ...]:
+    """`CPU_SERVER_ARGS` and a KV pool of `CPU_KV_TOKENS`, or `sample_tokens` if more."""
+    return (*CPU_SERVER_ARGS, "--max-total-tokens", str(max(CPU_KV_TOKENS, sample_tokens)))
 
 
 def sglang_dtype_args(dtype: str | None) -> tuple[str, ...]:

@@ -45,6 +45,7 @@ from pipeline.config import (
     Section,
 )
 from pipeline.data_plane import DataPlaneConfig
+from pipeline.sglang_server import sample_token_budget
 
 EPS_HIGH_SCHEDULES = tuple(SCHEDULE_SHAPES)
 _LOSS_DEFAULTS = PolicyLossConfig()
@@ -439,6 +440,29 @@ class RunConfig(Section):
         """Dense data-parallel replicas (world / (TP x PP))."""
         return self.launch.world_size // self.parallelism.model_parallel_size
 
+    def _check_length_budget(self) -> None:
+        """A prompt of `data.max_prompt_length` and a response of `rollout.max_response_length`
+        fit the model's context (as the fleet serves it) and one micro-batch."""
+        prompt, response = self.data.max_prompt_length, self.rollout.max_response_length
+        sample = (
+            f"data.max_prompt_length={prompt} + rollout.max_response_length={response} = "
+            f"{prompt + response} tokens"
+        )
+        context = self.model.max_position_embeddings
+        needed = sample_token_budget(prompt, response)
+        if needed > context:
+            raise ValueError(
+                f"a sample of {sample} needs {needed} tokens of the model's context (the server "
+                f"keeps some), more than model.max_position_embeddings={context}: lower the "
+                "lengths"
+            )
+        if prompt + response > self.training.micro_batch_max_tokens:
+            raise ValueError(
+                f"a sample of {sample} does not fit one micro-batch, "
+                f"training.micro_batch_max_tokens={self.training.micro_batch_max_tokens}: "
+                "raise it or lower the lengths"
+            )
+
     @model_validator(mode="after")
     def _check_consistency(self) -> RunConfig:
         model, par = self.model, self.parallelism
@@ -487,6 +511,7 @@ class RunConfig(Section):
                 f"rollout.temperature={self.rollout.temperature} must be > 0: the policy trains "
                 "on the log-probs of sampled tokens"
             )
+        self._check_length_budget()
         overlong = self.reward.overlong
         if overlong.soft_punishment and overlong.cache_length > self.rollout.max_response_length:
             raise ValueError(

@@ -20,6 +20,39 @@ from pipeline.overlong import TRUNCATED_FINISH_REASON
 from pipeline.train_batch import TrainBatch
 
 
+def run_summary(config: RunConfig) -> str:
+    """What a run is about to do, in a few lines: the first thing it prints."""
+    model, par, rollout, algorithm = (
+        config.model,
+        config.parallelism,
+        config.rollout,
+        config.algorithm,
+    )
+    kv_heads = model.num_query_groups or model.num_attention_heads
+    heads = f"{model.num_attention_heads} heads, {kv_heads} kv"
+    experts = f", {model.moe.num_experts} experts top-{model.moe.router_topk}" if model.moe else ""
+    fleet = (
+        f"{rollout.num_servers} embedded SGLang server(s)"
+        if rollout.mode == "embedded"
+        else f"SGLang at {rollout.router_url or ', '.join(rollout.server_urls)}"
+    )
+    correction = algorithm.rollout_correction
+    return "\n".join(
+        [
+            f"policy: {model.num_layers} layers x {model.hidden_size} ({heads}{experts}), "
+            f"{model.vocab_size} tokens, {model.params_dtype}, from {model.hf_checkpoint}",
+            f"ranks: {config.launch.world_size} = TP {par.tensor} x PP {par.pipeline} x DP "
+            f"{config.data_parallel_size} (EP {par.expert}); fleet: {fleet}",
+            f"objective: {algorithm.policy_loss} loss, {algorithm.advantage.estimator} advantages, "
+            f"{algorithm.loss_aggregation}, eps {algorithm.eps_low}/{algorithm.eps_high}; pi_old "
+            f"{algorithm.old_log_probs}, rollout correction {correction.mode}",
+            f"steps: {config.training.steps} x {config.training.prompts_per_step} prompts x "
+            f"{rollout.n_samples_per_prompt} samples; prompts <= {config.data.max_prompt_length}, "
+            f"responses <= {rollout.max_response_length} tokens",
+        ]
+    )
+
+
 def summarize_step(
     step: int,
     batch: TrainBatch,

@@ -317,3 +317,32 @@ def test_rollout_correction_needs_recomputed_old_log_probs() -> None:
         load_config(DEMO, [*token, "algorithm.old_log_probs=rollout"])
     with pytest.raises(ConfigError, match="threshold = 0: Input should be greater than 0"):
         load_config(DEMO, [*token, "algorithm.rollout_correction.threshold=0"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["data.max_prompt_length=400", "rollout.max_response_length=111"],
+            "a sample of data.max_prompt_length=400 + rollout.max_response_length=111 = 511 "
+            "tokens needs 513 tokens of the model's context (the server keeps some), more than "
+            "model.max_position_embeddings=512",
+        ),
+        (
+            ["training.micro_batch_max_tokens=128"],
+            "a sample of data.max_prompt_length=128 + rollout.max_response_length=1 = 129 "
+            "tokens does not fit one micro-batch, training.micro_batch_max_tokens=128",
+        ),
+    ],
+)
+def test_a_sample_that_cannot_fit_is_refused_before_anything_starts(
+    overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(DEMO, overrides)
+
+
+def test_a_sample_that_just_fits_is_accepted() -> None:
+    # 128 + 382 + 2 = 512 = the context; 128 + 382 = 510 <= 512 tokens per micro-batch
+    config = load_config(DEMO, ["rollout.max_response_length=382"])
+    assert config.data.max_prompt_length + config.rollout.max_response_length == 510

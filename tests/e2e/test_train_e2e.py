@@ -19,6 +19,8 @@ from tests.e2e.train_runs import failure_excerpt, processes_mentioning
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
+MAX_PROMPT_LENGTH = 38
+"""Tokens: about a quarter of the demo's prompts are longer (35-64 tokens with the template)."""
 
 
 @pytest.mark.slow
@@ -38,6 +40,7 @@ def test_two_rank_training_run_with_a_real_fleet(tmp_path: Path) -> None:
         "training.mini_batch_size=8",
         f"metrics.port={metrics_port}",
         "metrics.run_name=e2e",
+        f"data.max_prompt_length={MAX_PROMPT_LENGTH}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     with PrometheusServer(tmp_path / "prometheus", [f"127.0.0.1:{metrics_port}"]) as prometheus:
@@ -49,6 +52,9 @@ def test_two_rank_training_run_with_a_real_fleet(tmp_path: Path) -> None:
             'last_over_time(dapo_tokens_per_second{run="e2e", phase="train"}[10m])'
         )
         kept = prometheus.wait_for('last_over_time(dapo_queue_kept_groups_total{run="e2e"}[10m])')
+        skipped = prometheus.wait_for(
+            'last_over_time(dapo_queue_skipped_prompts_total{run="e2e"}[10m])'
+        )
     output = result.stdout + result.stderr
     assert result.returncode == 0, failure_excerpt(output)
 
@@ -64,6 +70,12 @@ def test_two_rank_training_run_with_a_real_fleet(tmp_path: Path) -> None:
     assert float(throughput[0]["value"][1]) > 0
     # The data plane's series carry the run label too: every step kept 4 groups (or more).
     assert float(kept[0]["value"][1]) >= 4 * STEPS
+    # Prompts longer than data.max_prompt_length were skipped and counted, not a dead step.
+    assert float(skipped[0]["value"][1]) > 0 and "over-long prompt(s) skipped" in output
+    # The first screen: the run's summary, no library notices that do not apply here.
+    first_screen = output.split("step 1/")[0]
+    assert "policy: 2 layers x 64" in first_screen
+    assert not re.search(r"Warning|CUDA_HOME", first_screen), first_screen
 
     run_dir = tmp_path / "runs" / "demo-cpu"
     initial = load_file(run_dir / "initial-model" / "model.safetensors")

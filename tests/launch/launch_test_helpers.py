@@ -8,14 +8,14 @@ import shlex
 import sys
 from pathlib import Path
 
-from pipeline.sglang_server import CPU_SERVER_ARGS, free_port
+from pipeline.sglang_server import cpu_server_args, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo-cpu.yaml"
 WORKER = Path(__file__).resolve().parent / "allreduce_worker.py"
 SUBMIT = REPO / "launch" / "slurm" / "submit.sh"
 SBATCH = REPO / "launch" / "slurm" / "dapo.sbatch"
-CPU_SGLANG_ARGS = shlex.join(CPU_SERVER_ARGS)
+CPU_SGLANG_ARGS = shlex.join(cpu_server_args(0))
 """DAPO_SGLANG_ARGS for a real SGLang server on this machine's CPU."""
 
 

@@ -107,6 +107,7 @@ def make_queue(
     scorer: RewardScorer | None = None,
     overlong_rows: Sequence[int] = (),
     deterministic: bool = False,
+    score_truncated: str = "wrong",
 ) -> DynamicSamplingQueue:
     """A queue over rows 0..99 (answer "yes"); rows in `overlong_rows` have 11 > 10 tokens."""
     rows = [
@@ -137,6 +138,7 @@ def make_queue(
         ),
         overlong=overlong or OverlongConfig(soft_punishment=False),
         async_mode=async_mode,
+        score_truncated=score_truncated,
         metrics=QueueMetrics(run="test-run"),
     )
 
@@ -173,7 +175,9 @@ def test_soft_overlong_punishment_and_overlong_filter():
     long_right, mid_right = "yes" + "." * 5, "yes..."
     engine = ScriptedEngine({0: (long_right, mid_right, "no", "no")})
     overlong = OverlongConfig(soft_punishment=True, cache_length=4, filter_truncated=True)
-    queue = make_queue(engine, num_groups=1, overlong=overlong, max_response_length=8)
+    queue = make_queue(
+        engine, num_groups=1, overlong=overlong, max_response_length=8, score_truncated="as_is"
+    )
     batch, _ = asyncio.run(queue.next_batch(0))
 
     lengths = torch.tensor([8.0, 6.0, 2.0, 2.0])
@@ -182,6 +186,34 @@ def test_soft_overlong_punishment_and_overlong_filter():
     assert [m["finish_reason"] for m in batch.metadata] == ["length", "stop", "stop", "stop"]
     per_sample_trained = [bool(batch.loss_mask[batch.sample_ids() == i].any()) for i in range(4)]
     assert per_sample_trained == [False, True, True, True]
+
+
+@pytest.mark.parametrize("score_truncated", ["wrong", "as_is"])
+def test_a_truncated_answer_is_wrong_unless_scored_as_is(score_truncated: str) -> None:
+    # row 0 at a 4-token limit: "yes." was cut (it may have gone on "yes. No, ..."); "yes" ended
+    calls = []
+
+    def counted(response: str, ground_truth: str) -> RewardResult:
+        calls.append(response)
+        return yes_reward(response, ground_truth)
+
+    engine = ScriptedEngine({0: ("yes.", "yes", "no", "no")})
+    queue = make_queue(
+        engine,
+        num_groups=1,
+        max_response_length=4,
+        score_truncated=score_truncated,
+        scorer=FunctionScorer(counted),
+    )
+    batch, stats = asyncio.run(queue.next_batch(0))
+    assert [m["finish_reason"] for m in batch.metadata] == ["length", "stop", "stop", "stop"]
+    correct = [m["correct"] for m in batch.metadata]
+    if score_truncated == "as_is":
+        assert correct == [True, True, False, False] and len(calls) == 4
+    else:  # scored wrong before the group filter, without a reward call
+        assert correct == [False, True, False, False] and len(calls) == 3
+        assert batch.rewards.tolist() == [-1.0, 1.0, -1.0, -1.0]
+    assert stats.correct_samples == sum(correct)
 
 
 def test_surplus_groups_are_carried_leftovers_aborted_and_stale_ones_dropped():

@@ -41,9 +41,13 @@ def tiny_run_config(
         {
             "model": model,
             "parallelism": {"backend": "gloo", **parallelism},
-            "rollout": {"n_samples_per_prompt": 4, "max_response_length": 32},
-            "data": {"source": "reasoning_gym", "task": "basic_arithmetic"},
-            "reward": {"overlong": {"cache_length": 8}},
+            "rollout": {"n_samples_per_prompt": 4, "max_response_length": max_tokens // 2},
+            "data": {
+                "source": "reasoning_gym",
+                "task": "basic_arithmetic",
+                "max_prompt_length": max_tokens // 2,
+            },
+            "reward": {"overlong": {"cache_length": 4}},
             "optimizer": {
                 "lr": 1e-2,
                 "lr_warmup_steps": 2,
