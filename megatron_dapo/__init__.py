@@ -13,9 +13,12 @@ are enforced by `tests/test_import_boundaries.py`):
 `cli.py` is the command line; `train.py` is the training loop. The data plane (`pipeline/`) never
 imports this package.
 
-Importing it silences, on machines without CUDA, the start-up notices that do not apply there
-(Megatron-Core's "Transformer Engine and Apex are not installed" fallbacks, torch's CUDA_HOME
-line): they would fill the first screen of every run and teach users to ignore warnings.
+Importing it silences notices that say nothing about the run, which would otherwise fill the
+first screen of every run and teach users to ignore warnings: on machines without CUDA,
+Megatron-Core's "Transformer Engine and Apex are not installed" fallbacks and torch's CUDA_HOME
+line; everywhere, torch's note when Megatron-Core's optimizer zeroes the `.grad` of its fp32
+parameter-shard views (non-leaf tensors whose `.grad` is always None; the gradients live in the
+DDP buffers, which are zeroed separately).
 """
 
 import logging
@@ -35,6 +38,12 @@ class _NoCudaHomeNotice(logging.Filter):
         return not record.getMessage().startswith("No CUDA runtime is found")
 
 
+warnings.filterwarnings(
+    "ignore",
+    message=r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+    category=UserWarning,
+    module=r"megatron\.core\.optimizer\.optimizer",
+)
 if not torch.cuda.is_available():
     for message in _NOT_APPLICABLE_WITHOUT_CUDA:
         warnings.filterwarnings("ignore", message=message, category=UserWarning)

@@ -86,6 +86,7 @@ def transformer_config(model: ModelConfig, parallelism: ParallelismConfig):
         # activations and gradients between the two ranks of PP=2 in the interleaved schedule.
         batch_p2p_comm=on_gpu,
         calculate_per_token_loss=False,
+        cuda_graph_scope=[],  # the whole layer; Megatron-Core's default "full" is deprecated
         **moe_kwargs,
     )
 
