@@ -1,12 +1,19 @@
-"""One optimizer step of the policy inside Megatron-Core's forward-backward schedule.
+"""The policy's training on a rollout step's batch inside Megatron-Core's schedules.
 
-    trainer = PolicyTrainer(run_config)            # after parallel.initialize_parallel
-    metrics = trainer.train(train_batch)           # every rank passes the same TrainBatch;
-                                                   # one optimizer step per mini-batch
+    trainer = PolicyTrainer(run_config)            # after parallel.initialize_parallel; loads
+                                                   # this rank's shards of model.hf_checkpoint
+    result = trainer.train(train_batch)            # every rank passes the same TrainBatch:
+                                                   # pi_old, then one optimizer step per
+                                                   # mini-batch (`TrainResult`)
 
-A step packs the batch into micro-batches (`micro_batches`), split over DP ranks; counts the
-GLOBAL loss normalisers (loss tokens and sequences, all-reduced over DP) before running
-`get_forward_backward_func()` (1F1B over PP stages, interleaved with virtual stages); on the last
+With `algorithm.old_log_probs: recompute` a forward-only pass of the schedule over every
+mini-batch first gives pi_old of each micro-batch (on the last pipeline stage) and the
+trainer/rollout mismatch, before the first update.
+
+An optimizer step packs its mini-batch into micro-batches (`micro_batches`), split over DP
+ranks; counts the GLOBAL loss normalisers (loss tokens and sequences, all-reduced over DP)
+before running `get_forward_backward_func()` (1F1B over PP stages, interleaved with virtual
+stages); on the last
 stage each micro-batch's per-token log-probs of the sampled tokens come from the vocab-parallel
 logits (`logprobs`, never gathering the vocabulary), then the policy objective
 (`megatron_dapo.algo.objective`, built once per optimizer step) gives that micro-batch's exact
