@@ -13,9 +13,9 @@ trainer/rollout mismatch, before the first update.
 An optimizer step packs its mini-batch into micro-batches (`micro_batches`), split over DP
 ranks; counts the GLOBAL loss normalisers (loss tokens and sequences, all-reduced over DP)
 before running `get_forward_backward_func()` (1F1B over PP stages, interleaved with virtual
-stages); on the last
-stage each micro-batch's per-token log-probs of the sampled tokens come from the vocab-parallel
-logits (`logprobs`, never gathering the vocabulary), then the policy objective
+stages); on the last stage each micro-batch's per-token log-probs of the sampled tokens come
+from the vocab-parallel logits (`logprobs`, never gathering the vocabulary), then the policy
+objective
 (`megatron_dapo.algo.objective`, built once per optimizer step) gives that micro-batch's exact
 share of the global loss and its statistics; Megatron DDP reduces the gradients and Megatron's
 optimizer (AdamW, distributed optimizer if configured, global grad-norm clipping) steps with the
