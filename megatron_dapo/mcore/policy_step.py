@@ -15,11 +15,10 @@ ranks; counts the GLOBAL loss normalisers (loss tokens and sequences, all-reduce
 before running `get_forward_backward_func()` (1F1B over PP stages, interleaved with virtual
 stages); on the last stage each micro-batch's per-token log-probs of the sampled tokens come
 from the vocab-parallel logits (`logprobs`, never gathering the vocabulary), then the policy
-objective
-(`megatron_dapo.algo.objective`, built once per optimizer step) gives that micro-batch's exact
-share of the global loss and its statistics; Megatron DDP reduces the gradients and Megatron's
-optimizer (AdamW, distributed optimizer if configured, global grad-norm clipping) steps with the
-LR of `OptimizerParamScheduler` (linear warm-up from 0).
+objective (`megatron_dapo.algo.objective`, built once per optimizer step) gives that
+micro-batch's exact share of the global loss and its statistics; Megatron DDP reduces the
+gradients and Megatron's optimizer (AdamW, distributed optimizer if configured, global grad-norm
+clipping) steps with the LR of `OptimizerParamScheduler` (linear warm-up from 0).
 
 Packing: with the local layer spec a micro-batch packs several samples behind a block-diagonal
 causal mask. Transformer Engine's attention applies its own causal mask and ignores that one, so
@@ -66,8 +65,6 @@ from megatron_dapo.mcore.model import build_model_chunks
 from pipeline.train_batch import TrainBatch
 
 logger = logging.getLogger(__name__)
-
-_STATS = ("loss", "clipped_low", "clipped_high", "dual_clipped", "tokens", "entropy", "kl")
 
 
 @dataclass(frozen=True)
@@ -140,7 +137,8 @@ class TrainResult:
 
 
 class _ExpertLoadCounter:
-    """Counts routed tokens per (MoE layer, expert) with forward hooks on the routers."""
+    """Counts routed tokens per (MoE layer, expert) with forward hooks on the routers, in
+    training passes only (not the forward-only pass that recomputes pi_old)."""
 
     def __init__(self, chunks: list[torch.nn.Module], num_layers: int, num_experts: int):
         from megatron.core.transformer.moe.router import TopKRouter
@@ -152,12 +150,10 @@ class _ExpertLoadCounter:
                     module.register_forward_hook(self._count)
 
     def _count(self, router: torch.nn.Module, inputs: tuple, outputs: tuple) -> None:
+        if not torch.is_grad_enabled():
+            return  # a forward pass that does not train
         routing_map = outputs[1]  # [tokens, experts] bool
         self.counts[router.layer_number - 1] += routing_map.sum(0).cpu()
-
-    def reset(self) -> None:
-        """Forget what was counted since the last `take` (a forward pass that did not train)."""
-        self.counts.zero_()
 
     def take(self) -> torch.Tensor:
         """The counts since the last call, summed over every rank (each token routes once)."""
@@ -342,8 +338,6 @@ class PolicyTrainer:
                     correction.threshold,
                 )
                 mismatch = part if mismatch is None else mismatch + part
-        if self._expert_load is not None:
-            self._expert_load.reset()  # count the training pass only
         return recomputed, self._reduce_mismatch(mismatch)
 
     def _reduce_mismatch(self, mismatch: RolloutMismatch | None) -> RolloutMismatch:
