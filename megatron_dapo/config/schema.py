@@ -322,6 +322,23 @@ class OptimizerConfig(Section):
     """Global gradient-norm clip; 0 = off."""
 
 
+class RecomputeConfig(Section):
+    """Activation recompute (Megatron-Core `recompute_granularity` / `_method` / `_num_layers`):
+    trade a second forward pass for activation memory.
+
+    `selective` recomputes the core attention of every layer (Megatron's default
+    `recompute_modules`); `full` recomputes whole layers: with `method: uniform` the stage's
+    layers in units of `num_layers` (checkpointing each unit's input), with `method: block` the
+    first `num_layers` layers of each pipeline stage.
+    """
+
+    granularity: Literal["none", "selective", "full"] = "none"
+    method: Literal["uniform", "block"] = "uniform"
+    """Only for `full`."""
+    num_layers: int = Field(1, ge=1)
+    """Only for `full`: layers per unit (`uniform`) or recomputed layers per stage (`block`)."""
+
+
 class TrainingConfig(Section):
     """Batch geometry and length of the run."""
 
@@ -335,6 +352,7 @@ class TrainingConfig(Section):
     """Token budget of one packed micro-batch (prompt + response tokens)."""
     log_prob_chunk_size: int = Field(4096, ge=1)
     """Tokens per chunk of the vocab-parallel log-prob/entropy computation (bounds memory)."""
+    recompute: RecomputeConfig = RecomputeConfig()
     seed: int = 1234
     on_nonfinite: Literal["skip", "stop"] = "skip"
     """A non-finite loss or gradient: `skip` the optimizer step (logged and counted in
@@ -487,6 +505,14 @@ class RunConfig(Section):
             raise ValueError(
                 f"model.num_layers={model.num_layers} must split evenly over parallelism.pipeline="
                 f"{par.pipeline} x virtual_pipeline={par.virtual_pipeline or 1} stages"
+            )
+        recompute = self.training.recompute
+        layers_per_stage = model.num_layers // par.pipeline
+        if recompute.granularity == "full" and recompute.num_layers > layers_per_stage:
+            raise ValueError(
+                f"training.recompute.num_layers={recompute.num_layers} exceeds the "
+                f"{layers_per_stage} layers of a pipeline stage (model.num_layers / "
+                "parallelism.pipeline)"
             )
         world = self.launch.world_size
         if world % par.model_parallel_size:

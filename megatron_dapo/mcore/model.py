@@ -19,12 +19,30 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from megatron_dapo.config.schema import ModelConfig, ParallelismConfig
+from megatron_dapo.config.schema import ModelConfig, ParallelismConfig, RecomputeConfig
 
+NO_RECOMPUTE = RecomputeConfig()
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def transformer_config(model: ModelConfig, parallelism: ParallelismConfig):
+def _recompute_kwargs(recompute: RecomputeConfig) -> dict:
+    """`TransformerConfig` activation-recompute fields of `training.recompute`."""
+    if recompute.granularity == "none":
+        return {}
+    if recompute.granularity == "selective":
+        return {"recompute_granularity": "selective"}
+    return {
+        "recompute_granularity": "full",
+        "recompute_method": recompute.method,
+        "recompute_num_layers": recompute.num_layers,
+    }
+
+
+def transformer_config(
+    model: ModelConfig,
+    parallelism: ParallelismConfig,
+    recompute: RecomputeConfig = NO_RECOMPUTE,
+):
     """The Megatron-Core `TransformerConfig` of the policy (returned type: TransformerConfig)."""
     from megatron.core.transformer import TransformerConfig
 
@@ -87,6 +105,7 @@ def transformer_config(model: ModelConfig, parallelism: ParallelismConfig):
         batch_p2p_comm=on_gpu,
         calculate_per_token_loss=False,
         cuda_graph_scope=[],  # the whole layer; Megatron-Core's default "full" is deprecated
+        **_recompute_kwargs(recompute),
         **moe_kwargs,
     )
 
@@ -118,7 +137,11 @@ def layer_spec(model: ModelConfig):
     )
 
 
-def build_model_chunks(model: ModelConfig, parallelism: ParallelismConfig) -> list:
+def build_model_chunks(
+    model: ModelConfig,
+    parallelism: ParallelismConfig,
+    recompute: RecomputeConfig = NO_RECOMPUTE,
+) -> list:
     """This rank's `GPTModel` chunks (one per virtual pipeline stage; one without VPP).
 
     Each chunk has `vp_stage` set and only the first/last stage owns the embedding/output
@@ -136,7 +159,7 @@ def build_model_chunks(model: ModelConfig, parallelism: ParallelismConfig) -> li
             f"model.vocab_size={model.vocab_size} must be a multiple of parallelism.tensor="
             f"{parallelism.tensor} (vocab-parallel embedding and output layer)"
         )
-    config = transformer_config(model, parallelism)
+    config = transformer_config(model, parallelism, recompute)
     spec = layer_spec(model)
     chunks = []
     for index in range(parallelism.virtual_pipeline or 1):

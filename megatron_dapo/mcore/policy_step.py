@@ -175,7 +175,7 @@ class PolicyTrainer:
 
         self.config = config
         par = config.parallelism
-        chunks = build_model_chunks(config.model, par)
+        chunks = build_model_chunks(config.model, par, config.training.recompute)
         if config.model.hf_checkpoint is not None:
             load_hf_checkpoint(chunks, config.model.hf_checkpoint)  # before the optimizer copies
         self.transformer_config = chunks[0].config
