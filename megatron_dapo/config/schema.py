@@ -396,6 +396,15 @@ class LaunchConfig(Section):
     slurm_partition: str | None = None
     slurm_account: str | None = None
     slurm_time: str = "04:00:00"
+    slurm_gpus: bool = False
+    """SLURM: give every node of the job `nproc_per_node` GPUs (`--gpus-per-node`): one per
+    trainer rank, as many for a rollout node's server; false for a CPU run."""
+    network_interface: str | None = None
+    """The network interface NCCL's and Gloo's sockets use (`NCCL_SOCKET_IFNAME`,
+    `GLOO_SOCKET_IFNAME`), e.g. `eth0`; None = the libraries' own pick, which can be one the other
+    nodes cannot reach."""
+    nccl_ib_hca: str | None = None
+    """`NCCL_IB_HCA`: the InfiniBand adapters NCCL uses (e.g. `mlx5_0,mlx5_1`); None = all."""
 
     @property
     def world_size(self) -> int:
