@@ -132,9 +132,6 @@ def _resume(config: RunConfig, trainer: Any) -> Any:
 
 def run(config: RunConfig) -> None:
     """The training loop of one rank (under torchrun, or alone for a 1-rank layout)."""
-    from megatron.core.distributed import DistributedDataParallel
-    from megatron.core.transformer.module import Float16Module
-    from megatron.core.utils import unwrap_model
     from prometheus_client import CollectorRegistry
 
     from megatron_dapo.ckpt.run_checkpoint import has_checkpoint, save_run_checkpoint
@@ -157,7 +154,7 @@ def run(config: RunConfig) -> None:
     run_dir = Path(config.checkpoint.dir).parent
     initial = _prepare_initial_checkpoint(config)
     trainer = PolicyTrainer(config)
-    models = unwrap_model(trainer.chunks, (DistributedDataParallel, Float16Module))
+    models = trainer.models
     resume = _resume(config, trainer)
     first_step = resume.step if resume is not None else 0
     steps = config.training.steps

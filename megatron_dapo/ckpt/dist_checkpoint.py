@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dapo.config.schema import RunConfig
+from megatron_dapo.mcore.parallel import model_device
 from megatron_dapo.mcore.policy_step import PolicyTrainer
 
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -43,11 +44,7 @@ def _model_key(index: int, num_chunks: int) -> str:
 
 
 def _sharded_state_dict(trainer: PolicyTrainer, is_loading: bool) -> dict:
-    from megatron.core.distributed import DistributedDataParallel
-    from megatron.core.transformer.module import Float16Module
-    from megatron.core.utils import unwrap_model
-
-    modules = unwrap_model(trainer.chunks, (DistributedDataParallel, Float16Module))
+    modules = trainer.models
     state = {
         _model_key(i, len(modules)): module.sharded_state_dict() for i, module in enumerate(modules)
     }
@@ -69,7 +66,7 @@ def save_checkpoint(trainer: PolicyTrainer, directory: str | Path) -> None:
 
     check_checkpointable(trainer.config)
     directory = Path(directory)
-    failed = torch.zeros(1)
+    failed = torch.zeros(1, device=model_device())
     if dist.get_rank() == 0:
         try:
             directory.mkdir(parents=True)
@@ -87,14 +84,11 @@ def load_checkpoint(trainer: PolicyTrainer, directory: str | Path) -> None:
     Collective: every rank calls it.
     """
     from megatron.core import dist_checkpointing
-    from megatron.core.distributed import DistributedDataParallel
-    from megatron.core.transformer.module import Float16Module
-    from megatron.core.utils import unwrap_model
 
     check_checkpointable(trainer.config)
     _initialize_distributed_optimizer_state(trainer.optimizer)
     loaded = dist_checkpointing.load(_sharded_state_dict(trainer, is_loading=True), str(directory))
-    modules = unwrap_model(trainer.chunks, (DistributedDataParallel, Float16Module))
+    modules = trainer.models
     for index, module in enumerate(modules):
         module.load_state_dict(loaded[_model_key(index, len(modules))])
     with torch.no_grad():  # fp32 + distributed optimizer: main params are views of the model's

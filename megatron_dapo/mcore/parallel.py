@@ -64,6 +64,15 @@ class DistributedEnv:
         )
 
 
+def model_device() -> torch.device:
+    """The device of this rank's model: its batches and every tensor it hands a collective live
+    here (NCCL accepts CUDA tensors only). The local rank's GPU (`initialize_parallel` made it
+    current) on GPU nodes, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def resolve_backend(parallelism: ParallelismConfig) -> str:
     """`parallelism.backend`, with `auto` meaning NCCL when CUDA is available, else gloo."""
     if parallelism.backend != "auto":

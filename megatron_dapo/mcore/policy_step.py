@@ -62,6 +62,7 @@ from megatron_dapo.mcore.micro_batches import (
     plan_micro_batches,
 )
 from megatron_dapo.mcore.model import build_model_chunks
+from megatron_dapo.mcore.parallel import model_device
 from pipeline.train_batch import TrainBatch
 
 logger = logging.getLogger(__name__)
@@ -140,10 +141,16 @@ class _ExpertLoadCounter:
     """Counts routed tokens per (MoE layer, expert) with forward hooks on the routers, in
     training passes only (not the forward-only pass that recomputes pi_old)."""
 
-    def __init__(self, chunks: list[torch.nn.Module], num_layers: int, num_experts: int):
+    def __init__(
+        self,
+        chunks: list[torch.nn.Module],
+        num_layers: int,
+        num_experts: int,
+        device: torch.device,
+    ):
         from megatron.core.transformer.moe.router import TopKRouter
 
-        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.int64)
+        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=device)
         for chunk in chunks:
             for module in chunk.modules():
                 if isinstance(module, TopKRouter):
@@ -153,13 +160,13 @@ class _ExpertLoadCounter:
         if not torch.is_grad_enabled():
             return  # a forward pass that does not train
         routing_map = outputs[1]  # [tokens, experts] bool
-        self.counts[router.layer_number - 1] += routing_map.sum(0).cpu()
+        self.counts[router.layer_number - 1] += routing_map.sum(0)
 
     def take(self) -> torch.Tensor:
         """The counts since the last call, summed over every rank (each token routes once)."""
         counts, self.counts = self.counts, torch.zeros_like(self.counts)
         dist.all_reduce(counts)
-        return counts
+        return counts.cpu()
 
 
 class PolicyTrainer:
@@ -236,13 +243,22 @@ class PolicyTrainer:
         self._pp_group = parallel_state.get_pipeline_model_parallel_group()
         self._dp_rank = parallel_state.get_data_parallel_rank()
         self._dp_size = parallel_state.get_data_parallel_world_size()
-        self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self._device = model_device()
         moe = config.model.moe
         self._expert_load = (
-            _ExpertLoadCounter(self.chunks, config.model.num_layers, moe.num_experts)
+            _ExpertLoadCounter(self.chunks, config.model.num_layers, moe.num_experts, self._device)
             if moe is not None
             else None
         )
+
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        """This rank's `GPTModel` chunks without their DDP / Float16Module wrappers."""
+        from megatron.core.distributed import DistributedDataParallel
+        from megatron.core.transformer.module import Float16Module
+        from megatron.core.utils import unwrap_model
+
+        return unwrap_model(self.chunks, (DistributedDataParallel, Float16Module))
 
     def train(self, batch: TrainBatch) -> TrainResult:
         """One rollout step's batch (the same on every rank): pi_old recomputed for the whole
@@ -345,7 +361,8 @@ class PolicyTrainer:
         if mismatch is None:
             zero = torch.zeros((), dtype=torch.float64)
             mismatch = RolloutMismatch(zero, zero, zero, zero, zero)
-        sums, largest = mismatch.sums(), mismatch.max_abs_diff.reshape(1).clone()
+        sums = mismatch.sums().to(self._device)  # measured on the host copies of pi_old
+        largest = mismatch.max_abs_diff.reshape(1).to(self._device, copy=True)
         for group in (self._pp_group, self._dp_group):
             dist.all_reduce(sums, group=group)
             dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
@@ -396,7 +413,7 @@ class PolicyTrainer:
             for param in chunk.parameters()
         ]
         finite = torch.stack([torch.isfinite(g).all() for g in grads if g is not None]).all()
-        flag = torch.tensor([float(finite) if math.isfinite(loss) else 0.0])
+        flag = (finite & math.isfinite(loss)).float().reshape(1)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
@@ -414,7 +431,9 @@ class PolicyTrainer:
         local = count_loss_normalizers(
             [mb.loss_mask for mb in micro_batches], [mb.sequence_ids for mb in micro_batches]
         )
-        counts = torch.tensor([local.num_tokens, local.num_sequences], dtype=torch.int64)
+        counts = torch.tensor(
+            [local.num_tokens, local.num_sequences], dtype=torch.int64, device=self._device
+        )
         dist.all_reduce(counts, group=self._dp_group)
         return LossNormalizers(int(counts[0]), int(counts[1]), self.config.loss_norm_constant)
 
@@ -488,16 +507,18 @@ class PolicyTrainer:
             objective,
             rollout_log_probs=micro_batch.rollout_log_probs,
         )
-        return share * scale, {"stats": stats.as_tensor().cpu()}
+        return share * scale, {"stats": stats.as_tensor().detach()}
 
     def _reduce_stats(self, outputs: list[dict[str, torch.Tensor]]) -> ObjectiveStats:
         """Sum the micro-batch statistics of the last stage and share them with every rank."""
-        total = torch.zeros(len(dataclasses.fields(ObjectiveStats)), dtype=torch.float64)
+        total = torch.zeros(
+            len(dataclasses.fields(ObjectiveStats)), dtype=torch.float64, device=self._device
+        )
         for output in outputs:
             total += output["stats"]
         dist.all_reduce(total, group=self._pp_group)  # only the last stage has non-zeros
         dist.all_reduce(total, group=self._dp_group)
-        return ObjectiveStats.from_tensor(total)
+        return ObjectiveStats.from_tensor(total.cpu())
 
     def _take_aux_loss(self, num_microbatches: int) -> float | None:
         from megatron.core.transformer.moe.moe_utils import (
