@@ -2,6 +2,7 @@
 
 megatron-dapo check-config CONFIG [dotted.key=value ...]   validate and print the config
 megatron-dapo train CONFIG [dotted.key=value ...]          DAPO training (the main job)
+megatron-dapo plan CONFIG [--gpu-memory-gib 80] [...]     per-GPU memory and GPU counts
 """
 
 from __future__ import annotations
@@ -42,7 +43,17 @@ def _train(config: RunConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"check-config": _check_config, "train": _train}
+def _plan(config: RunConfig, args: argparse.Namespace) -> int:
+    """Per-GPU memory of the trainer's ranks and the fleet's servers, and the GPUs each role
+    needs, estimated from the config alone (`megatron_dapo.config.memory_plan`)."""
+    from megatron_dapo.config.memory_plan import format_plan, memory_plan
+
+    print(f"plan of {args.config} on {args.gpu_memory_gib:g} GiB GPUs")
+    print(format_plan(config, memory_plan(config, args.gpu_memory_gib)))
+    return 0
+
+
+COMMANDS = {"check-config": _check_config, "train": _train, "plan": _plan}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = sub.add_parser(name, help=(fn.__doc__ or name).split("\n")[0])
         command.add_argument("config", help="run config YAML (see configs/)")
         command.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.steps=5")
+        if fn is _plan:
+            command.add_argument(
+                "--gpu-memory-gib", type=float, default=80.0, help="GPU memory (80: H100 SXM)"
+            )
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
