@@ -22,7 +22,7 @@ APT_PACKAGES ?= slurm-wlm munge shellcheck prometheus
 PYTEST_ARGS ?=
 DEMO_CONFIG ?= configs/demo-cpu.yaml
 
-.PHONY: help env system-deps project demo test test-fast pins clean-env trl-env smollm2
+.PHONY: help env system-deps project demo test test-fast pins gpu-pins clean-env trl-env smollm2
 
 help:
 	@echo "make demo       run the main job on the embedded CPU default ($(DEMO_CONFIG))"
@@ -103,6 +103,17 @@ test-fast: project
 pins: env
 	{ grep '^#' requirements/pins.txt; $(VPY) -m pip freeze --all --exclude-editable; } \
 	  > requirements/pins.txt.new && mv requirements/pins.txt.new requirements/pins.txt
+
+# Re-lock requirements/gpu-pins.txt: resolve the GPU images' sets with the current constraints
+# for this platform (nothing is installed; Transformer Engine's extension reports its metadata
+# through this environment's torch), then pin whatever pins.txt does not (gpu_pins.py).
+GPU_REPORT := $(ENV_ROOT)/gpu-report.json
+gpu-pins: env
+	$(VPY) requirements/gpu_pins.py constraints > $(ENV_ROOT)/gpu-constraints.txt
+	$(VPY) -m pip install --quiet --dry-run --ignore-installed --no-build-isolation \
+	  --report $(GPU_REPORT) -c $(ENV_ROOT)/gpu-constraints.txt -r requirements/gpu-build.txt \
+	  -r requirements/core.txt -r requirements/fleet-gpu.txt -r requirements/trainer-gpu.txt
+	$(VPY) requirements/gpu_pins.py lock $(GPU_REPORT)
 
 clean-env:
 	rm -rf $(VENV)
