@@ -3,7 +3,7 @@
     eval "$(python launch/launch_env.py configs/run.yaml [dotted.key=value ...])"
 
 The overrides are applied as `megatron-dapo train` applies them. Each setting is printed as
-`export DAPO_...=value` (shell-quoted) only when the variable is not already set in the
+`export NAME=value` (shell-quoted) only when the variable is not already set in the
 environment, so an explicit environment variable always wins over the config. Printed settings
 (config key -> variable):
 
@@ -15,6 +15,12 @@ environment, so an explicit environment variable always wins over the config. Pr
     launch.slurm_partition     DAPO_SLURM_PARTITION   (empty when unset)
     launch.slurm_account       DAPO_SLURM_ACCOUNT     (empty when unset)
     launch.slurm_time          DAPO_SLURM_TIME        wall-clock limit, HH:MM:SS
+    launch.slurm_gpus          DAPO_SLURM_GPUS_PER_NODE
+                                                      `nproc_per_node` (empty when false)
+    launch.network_interface   NCCL_SOCKET_IFNAME,    the NIC of NCCL's and Gloo's sockets
+                               GLOO_SOCKET_IFNAME     (not printed when unset)
+    launch.nccl_ib_hca         NCCL_IB_HCA            NCCL's InfiniBand adapters (not printed
+                                                      when unset)
     model.hf_checkpoint        DAPO_SGLANG_MODEL      the fleet's --model-path (empty when unset)
     model.params_dtype,        DAPO_SGLANG_ARGS       `--dtype` of the policy, then the extra
     rollout.server_args                               `sglang.launch_server` flags
@@ -32,9 +38,9 @@ from pipeline.sglang_server import sglang_dtype_args
 
 
 def launch_settings(config: RunConfig) -> dict[str, str]:
-    """The `DAPO_*` variables a run config defines, as strings (see the module docstring)."""
+    """The variables a run config defines, as strings (see the module docstring)."""
     launch = config.launch
-    return {
+    settings = {
         "DAPO_NNODES": str(launch.nnodes),
         "DAPO_NPROC_PER_NODE": str(launch.nproc_per_node),
         "DAPO_MASTER_ADDR": launch.master_addr,
@@ -43,11 +49,18 @@ def launch_settings(config: RunConfig) -> dict[str, str]:
         "DAPO_SLURM_PARTITION": launch.slurm_partition or "",
         "DAPO_SLURM_ACCOUNT": launch.slurm_account or "",
         "DAPO_SLURM_TIME": launch.slurm_time,
+        "DAPO_SLURM_GPUS_PER_NODE": str(launch.nproc_per_node) if launch.slurm_gpus else "",
         "DAPO_SGLANG_MODEL": config.model.hf_checkpoint or "",
         "DAPO_SGLANG_ARGS": shlex.join(
             (*sglang_dtype_args(config.model.params_dtype), *config.rollout.server_args)
         ),
     }
+    # Unset, the libraries choose: an empty value would not mean that to them.
+    if launch.network_interface is not None:
+        settings["NCCL_SOCKET_IFNAME"] = settings["GLOO_SOCKET_IFNAME"] = launch.network_interface
+    if launch.nccl_ib_hca is not None:
+        settings["NCCL_IB_HCA"] = launch.nccl_ib_hca
+    return settings
 
 
 def config_from_argv(program: str, argv: list[str]) -> RunConfig:

@@ -9,17 +9,18 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from launch_test_helpers import DEMO_CONFIG, REPO, clean_env
+from launch_test_helpers import DEMO_CONFIG, REPO, SUBMIT, clean_env
 
 from megatron_dapo.config.loading import load_config
 
 TORCHRUN = REPO / "launch" / "torchrun.sh"
 ENV_SH = REPO / "launch" / "env.sh"
+SETTING_PREFIXES = ("DAPO_", "NCCL_", "GLOO_")
 
 
 def shell_settings(env: dict[str, str], *overrides: str) -> dict[str, str]:
-    """The DAPO_* variables a launcher sees after sourcing launch/env.sh with `env` and loading
-    the config with `overrides`."""
+    """The DAPO_*, NCCL_* and GLOO_* variables a launcher sees after sourcing launch/env.sh with
+    `env` and loading the config with `overrides`."""
     script = f'set -eu; source "{ENV_SH}"; dapo_load_config "$@"; env'
     done = subprocess.run(
         ["bash", "-c", script, "bash", *overrides],
@@ -29,8 +30,8 @@ def shell_settings(env: dict[str, str], *overrides: str) -> dict[str, str]:
         check=True,
         timeout=60,
     )
-    pairs = (line.split("=", 1) for line in done.stdout.splitlines() if line.startswith("DAPO_"))
-    return dict(pairs)
+    lines = done.stdout.splitlines()
+    return dict(line.split("=", 1) for line in lines if line.startswith(SETTING_PREFIXES))
 
 
 def test_config_fills_unset_settings_and_the_environment_wins() -> None:
@@ -79,6 +80,47 @@ def test_overrides_apply_to_the_launch_settings() -> None:
     assert settings["DAPO_ROLLOUT_NODES"] == "3"
     assert settings["DAPO_SGLANG_MODEL"] == "/models/policy"
     assert settings["DAPO_SGLANG_ARGS"] == "--dtype float32 --tp 2"  # the policy's precision
+
+
+def test_network_and_gpu_settings_come_from_the_config_unless_set() -> None:
+    unset = shell_settings(clean_env(DAPO_CONFIG=str(DEMO_CONFIG)))
+    assert unset["DAPO_SLURM_GPUS_PER_NODE"] == ""
+    assert not {k for k in unset if k.startswith(("NCCL_", "GLOO_"))}  # the libraries choose
+
+    overrides = ("launch.slurm_gpus=true", "launch.network_interface=eth1")
+    settings = shell_settings(
+        clean_env(DAPO_CONFIG=str(DEMO_CONFIG), NCCL_IB_HCA="mlx5_2"),
+        *overrides,
+        "launch.nccl_ib_hca=mlx5_0",
+    )
+    assert settings["DAPO_SLURM_GPUS_PER_NODE"] == str(
+        load_config(DEMO_CONFIG).launch.nproc_per_node
+    )
+    assert settings["NCCL_SOCKET_IFNAME"] == settings["GLOO_SOCKET_IFNAME"] == "eth1"
+    assert settings["NCCL_IB_HCA"] == "mlx5_2"  # the environment wins
+
+
+def test_submit_asks_slurm_for_one_gpu_per_rank(tmp_path: Path) -> None:
+    fake_sbatch = tmp_path / "sbatch"  # prints what it is given
+    fake_sbatch.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake_sbatch.chmod(0o755)
+    env = clean_env(DAPO_CONFIG=str(DEMO_CONFIG))
+    env["PATH"] = f"{tmp_path}:{env['PATH']}"
+
+    def sbatch_args(*overrides: str) -> list[str]:
+        done = subprocess.run(
+            ["bash", str(SUBMIT), "--", *overrides],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        return done.stdout.splitlines()
+
+    nproc = load_config(DEMO_CONFIG).launch.nproc_per_node
+    assert f"--gpus-per-node={nproc}" in sbatch_args("launch.slurm_gpus=true")
+    assert not [a for a in sbatch_args() if a.startswith("--gpus")]  # a CPU run asks for none
 
 
 def test_torchrun_command_takes_settings_from_config_overrides_and_environment(
