@@ -220,22 +220,23 @@ def total_parameters(config: RunConfig) -> float:
 def layer_activation_bytes(config: RunConfig, tokens: int, selective: bool = False) -> float:
     """Bytes one transformer layer keeps for backward over a micro-batch of `tokens` tokens.
 
-    Per token, d = dtype bytes, t = TP, t_sp = t with sequence parallelism (else 1); local spec
-    (measured, CPU):
-        norms    2 x (input h + normalised h) d / t_sp + 2 rstd d      (torch RMSNorm)
-        linears  qkv input h d / t_sp, proj input q d / t, fc1 input h d / t_sp
-        RoPE     4 kv_channels d                                        (cos, sin for q and k)
-        core     q, k and v expanded to q: 3 q d / t, softmax probs a s d / t
-                 selective: its inputs q + k + the qkv output (q + 2k) d / t, no probs
-        MLP      2f + f + f + f d / t      (fc1 output, silu, linear half + 0, fc2 input)
-    Transformer Engine (fused norm-linears, fused RoPE, flash attention, fused SwiGLU):
-        norms + linears  2 x (input h + normalised h) d / t_sp + 2 rstd 4
-        core     q + 2k d / t (flash inputs), output q d / t (also proj's input), lse 4 a / t
-        MLP      2f + f d / t              (SwiGLU input, fc2 input)
-    MoE replaces the MLP term: router 4 (h + E) + 20 topk (fp32 input and scores, indices,
-    probs), dispatch 5 E + 8 topk, and per routed copy (topk per token, balanced over EP) the
-    expert input h d plus 6F d / etp (local, probs applied to the intermediate) or 3F d / etp
-    (TE grouped GEMM), where tokens per rank are s / t_sp.
+        Per token, d = dtype bytes, t = TP, t_sp = t with sequence parallelism (else 1); local spec
+    (measured on CPU in float32 and bfloat16):
+            norms    2 x (input h + normalised h) 4 / t_sp + 2 rstd 4       (torch RMSNorm, fp32)
+            linears  qkv input h d / t_sp, proj input q d / t, fc1 input h d / t_sp
+            RoPE     4 kv_channels d                                        (cos, sin for q and k)
+            core     q, k and v expanded to q: 3 q d / t; softmax probs a s 4 / t, and their
+                     16-bit copy a s d / t when d < 4;
+                     selective: its inputs q + k + the qkv output (q + 2k) d / t, no probs
+            MLP      2f + f + f + f d / t      (fc1 output, silu, linear half + 0, fc2 input)
+        Transformer Engine (fused norm-linears, fused RoPE, flash attention, fused SwiGLU):
+            norms + linears  2 x (input h + normalised h) d / t_sp + 2 rstd 4
+            core     q + 2k d / t (flash inputs), output q d / t (also proj's input), lse 4 a / t
+            MLP      2f + f d / t              (SwiGLU input, fc2 input)
+        MoE replaces the MLP term: router 4 (h + E) + 20 topk (fp32 input and scores, indices,
+        probs), dispatch 5 E + 8 topk, and per routed copy (topk per token, balanced over EP) the
+        expert input h d plus 6F d / etp (local, probs applied to the intermediate) or 3F d / etp
+        (TE grouped GEMM), where tokens per rank are s / t_sp.
     """
     model, par = config.model, config.parallelism
     d = DTYPE_BYTES[model.params_dtype]
@@ -244,16 +245,17 @@ def layer_activation_bytes(config: RunConfig, tokens: int, selective: bool = Fal
     t = par.tensor
     t_sp = t if par.sequence_parallel and t > 1 else 1
     local = model.transformer_impl == "local"
-    per_token = 4 * h * d / t_sp  # two norms' inputs and outputs
     if local:
-        per_token += 2 * h * d / t_sp + 2 * d + 4 * head * d  # qkv/fc1 inputs, rstd, RoPE
+        per_token = 2 * (2 * h * FP32 / t_sp + FP32)  # norms
+        per_token += 2 * h * d / t_sp + 4 * head * d  # qkv and fc1 inputs, RoPE
         if selective:
             per_token += (2 * q + 3 * k) * d / t
         else:
-            per_token += 3 * q * d / t + a * tokens * d / t
+            probs = FP32 + (d if d < FP32 else 0)
+            per_token += 3 * q * d / t + a * tokens * probs / t
         per_token += q * d / t  # proj input
     else:
-        per_token += 2 * FP32 + (2 * q + 2 * k) * d / t
+        per_token = 4 * h * d / t_sp + 2 * FP32 + (2 * q + 2 * k) * d / t
         if not selective:
             per_token += FP32 * a / t
     moe = model.moe
@@ -354,7 +356,11 @@ def _stage(config: RunConfig, name: str, first: bool, last: bool, in_flight: int
     if last:
         t_sp = par.tensor if par.sequence_parallel and par.tensor > 1 else 1
         h = model.hidden_size
-        final = (3 * h * d / t_sp + d) * tokens  # final norm input, output, rstd; output input
+        if model.transformer_impl == "local":  # final norm (fp32) + output layer's input
+            final = (2 * h * FP32 + h * d) / t_sp + FP32
+        else:
+            final = 2 * h * d / t_sp + FP32
+        final *= tokens
         no_recompute += final
         kept += final
         vocab = model.vocab_size / par.tensor
