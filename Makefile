@@ -29,6 +29,7 @@ help:
 	@echo "make test       run the whole test suite (slow, multi-rank and server tests included)"
 	@echo "make test-fast  inner loop: skip tests marked slow"
 	@echo "make smollm2    SmolLM2-135M-Instruct as an HF checkpoint in $(SMOLLM2)"
+	@echo "make plan CONFIG=configs/x.yaml  per-GPU memory and GPU counts of a run (megatron-dapo plan)"
 	@echo "environment:    $(VENV)"
 
 # Core environment: exact pins from requirements/pins.txt. The path holds the content hash, so
@@ -91,6 +92,9 @@ smollm2: project
 
 demo: project system-deps
 	OMP_NUM_THREADS=1 $(VENV)/bin/megatron-dapo train $(DEMO_CONFIG)
+
+plan: project
+	$(VENV)/bin/megatron-dapo plan $(or $(CONFIG),$(DEMO_CONFIG))
 
 test: project system-deps
 	cd $(CURDIR) && $(VPY) -m pytest $(PYTEST_ARGS)
