@@ -8,15 +8,16 @@ all-gathered over its TP group, converted back (`hf_mappings.to_hf`), gathered o
 which writes `model.safetensors` (per-expert on-disk layout that transformers 5.x and SGLang
 load) plus `config.json`, the generation config and the tokenizer files of `source_dir`.
 
-Names follow Megatron-Core's local layer spec (SequentialMLP experts); sharding comes from the
-parameters' own `tensor_model_parallel` / `partition_dim` attributes, layer numbers from
-`TransformerLayer.layer_number` and global expert ids from the expert-parallel rank.
+Names follow the chunk's layer spec (`chunk_rules`: Megatron-Core's local or Transformer Engine
+spec, SequentialMLP or grouped-GEMM experts); the split dimension of a sharded tensor comes from
+its `Rule` (Transformer Engine marks every grouped expert weight as split along dim 0, also the
+row-parallel `linear_fc2`), layer numbers from `TransformerLayer.layer_number` and global expert
+ids from the expert-parallel rank.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,16 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megatron_dapo.hf.mappings import AttentionShape, Rule, to_hf, to_megatron, weight_rules
+from megatron_dapo.hf.mappings import (
+    AttentionShape,
+    Rule,
+    name_template,
+    shard,
+    to_hf,
+    to_megatron,
+    unshard,
+    weight_rules,
+)
 
 HF_SIDE_FILES = (
     "generation_config.json",
@@ -39,8 +49,6 @@ HF_SIDE_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
 )
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 
 
 class _SafetensorsReader:
@@ -77,30 +85,14 @@ class _ShardGroup:
             self.size = ps.get_tensor_model_parallel_world_size()
 
 
-def _is_sharded(param: torch.Tensor, group: _ShardGroup) -> bool:
-    return group.size > 1 and getattr(param, "tensor_model_parallel", False)
-
-
-def _shard(full: torch.Tensor, param: torch.Tensor, rule: Rule, group: _ShardGroup):
-    """This rank's slice of `full` (gate/up are split separately, then concatenated)."""
-    if not _is_sharded(param, group):
-        return full
-    if rule.kind == "gate_up":
-        return torch.cat([half.chunk(group.size)[group.rank] for half in full.chunk(2)])
-    return full.chunk(group.size, dim=param.partition_dim)[group.rank]
-
-
 def _unshard(param: torch.Tensor, rule: Rule, group: _ShardGroup) -> torch.Tensor:
     """The full tensor from every rank's shard (collective over the parameter's group)."""
     local = param.detach()
-    if not _is_sharded(param, group):
+    if rule.split is None or group.size == 1:
         return local
     shards = [torch.empty_like(local) for _ in range(group.size)]
     dist.all_gather(shards, local.contiguous(), group=group.group)
-    if rule.kind == "gate_up":
-        halves = [s.chunk(2) for s in shards]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
-    return torch.cat(shards, dim=param.partition_dim)
+    return unshard(shards, rule)
 
 
 def _global_parameters(chunk: torch.nn.Module) -> Iterator[tuple[str, str, int, int, torch.Tensor]]:
@@ -113,16 +105,12 @@ def _global_parameters(chunk: torch.nn.Module) -> Iterator[tuple[str, str, int, 
     layers = chunk.decoder.layers if hasattr(chunk, "decoder") else []
     ep_rank = ps.get_expert_model_parallel_rank()
     for name, param in chunk.named_parameters():
-        layer = expert = -1
-        template = name
-        if match := _LAYER.match(name):
-            local_layer = layers[int(match[1])]
+        template, layer, expert = name_template(name)
+        if layer >= 0:
+            local_layer = layers[layer]
             layer = local_layer.layer_number - 1
-            template = _LAYER.sub("decoder.layers.{layer}.", template)
-            if match := _EXPERT.search(name):
-                num_local = len(local_layer.mlp.experts.local_experts)
-                expert = ep_rank * num_local + int(match[1])
-                template = _EXPERT.sub(".local_experts.{expert}.", template)
+            if expert >= 0:
+                expert += ep_rank * local_layer.mlp.experts.num_local_experts
         yield template, name, layer, expert, param
 
 
@@ -139,8 +127,20 @@ def _hf_config(directory: Path) -> dict:
     return json.loads((directory / "config.json").read_text())
 
 
-def _rules_for(chunk: torch.nn.Module, model_type: str) -> dict[str, Rule]:
-    return weight_rules(model_type, chunk.share_embeddings_and_output_weights)
+def chunk_rules(chunk: torch.nn.Module, model_type: str) -> dict[str, Rule]:
+    """`weight_rules` of a `GPTModel` chunk: Transformer Engine names if its layer spec fuses the
+    input norm into `linear_qkv` (`TELayerNormColumnParallelLinear`, the spec that
+    `model.transformer_impl: transformer_engine` builds), grouped GEMM from its config."""
+    from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear
+
+    attention = chunk.transformer_layer_spec.submodules.self_attention.submodules
+    fused = attention.linear_qkv is TELayerNormColumnParallelLinear
+    return weight_rules(
+        model_type,
+        chunk.share_embeddings_and_output_weights,
+        "transformer_engine" if fused else "local",
+        chunk.config.moe_grouped_gemm,
+    )
 
 
 def _rule(rules: dict[str, Rule], template: str) -> Rule:
@@ -166,12 +166,13 @@ def load_hf_checkpoint(chunks: list[torch.nn.Module], checkpoint_dir: str | Path
     directory = Path(checkpoint_dir)
     hf_config, reader = _hf_config(directory), _SafetensorsReader(directory)
     for chunk in chunks:
-        rules, shape = _rules_for(chunk, hf_config["model_type"]), _attention_shape(chunk)
+        rules, shape = chunk_rules(chunk, hf_config["model_type"]), _attention_shape(chunk)
         for template, name, layer, expert, param in _global_parameters(chunk):
             rule = _rule(rules, template)
             hf = [reader.get(n.format(layer=layer, expert=expert)) for n in rule.hf]
             full = to_megatron(rule, hf, shape)
-            local = _shard(full, param, rule, _ShardGroup(expert >= 0))
+            group = _ShardGroup(expert >= 0)
+            local = shard(full, rule, group.rank, group.size)
             if local.shape != param.shape:
                 raise ValueError(f"{name}: HF gives {tuple(local.shape)}, model has {param.shape}")
             param.copy_(local)
@@ -187,7 +188,7 @@ def gather_hf_state_dict(chunks: list[torch.nn.Module], model_type: str) -> dict
     """
     local: dict[str, torch.Tensor] = {}
     for chunk in chunks:
-        rules, shape = _rules_for(chunk, model_type), _attention_shape(chunk)
+        rules, shape = chunk_rules(chunk, model_type), _attention_shape(chunk)
         for template, _, layer, expert, param in _global_parameters(chunk):
             if chunk.share_embeddings_and_output_weights and template == "output_layer.weight":
                 continue  # tied: HF stores the embedding only
