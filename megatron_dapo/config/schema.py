@@ -64,7 +64,7 @@ class MoEConfig(Section):
     aux_loss_coeff: float = Field(1e-3, ge=0.0)
     token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
     grouped_gemm: bool = False
-    """Grouped GEMM experts (GPU only)."""
+    """Grouped GEMM experts (GPU, `model.transformer_impl: transformer_engine` only)."""
 
     @model_validator(mode="after")
     def _check_topk(self) -> MoEConfig:
@@ -134,6 +134,16 @@ class ModelConfig(Section):
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not a multiple of "
                 f"num_attention_heads={self.num_attention_heads}; set kv_channels"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_layer_spec(self) -> ModelConfig:
+        if self.moe is not None and self.moe.grouped_gemm and self.transformer_impl == "local":
+            raise ValueError(
+                "model.moe.grouped_gemm=true needs model.transformer_impl='transformer_engine': "
+                "with 'local' Megatron-Core builds its deprecated GroupedMLP (every local expert "
+                "in one transposed weight1 / weight2), which has no HF weight mapping"
             )
         return self
 

@@ -70,6 +70,7 @@ def test_dotted_overrides_are_parsed_as_yaml_values() -> None:
             "algorithm.dual_clip_c=3",
             "rollout.server_args=[--foo, bar]",
             "model.moe.grouped_gemm=true",
+            "model.transformer_impl=transformer_engine",
         ],
     )
     assert cfg.algorithm.eps_high == 0.3
@@ -144,6 +145,12 @@ def test_cross_section_rule_is_explained(tmp_path: Path) -> None:
         load_config(DEMO, ["training.mini_batch_size=60"])
     with pytest.raises(ConfigError, match="needs an MoE model"):
         load_config(DEMO, ["model.moe=null"])
+
+
+def test_grouped_gemm_needs_transformer_engine() -> None:
+    """The local spec's grouped GEMM is Megatron-Core's legacy GroupedMLP: no HF mapping."""
+    with pytest.raises(ConfigError, match="grouped_gemm=true needs model.transformer_impl"):
+        load_config(DEMO, ["model.moe.grouped_gemm=true"])
 
 
 def test_yaml_syntax_error_points_at_line(tmp_path: Path) -> None:
