@@ -150,19 +150,21 @@ class _GroupedLinearStandIn:
 @pytest.fixture
 def te_spec(monkeypatch: pytest.MonkeyPatch):
     """`layer_spec` of a `ModelConfig` with `transformer_impl: transformer_engine`, as the GPU
-    image builds it: `gpt_layer_specs` imports `TESpecProvider` only when TE imports, TE >= 1.9
-    (grouped linears, TENorm for q/k norms) is assumed."""
+    image builds it, without TE: `gpt_layer_specs` gets the `TESpecProvider` it imports only
+    when TE imports, `layer_spec` is told TE is installed, TE >= 1.9 is assumed (q/k norms are
+    TENorm, not apex's; the grouped linears exist: stand-in classes of their names, as Megatron
+    sets them to None without TE)."""
     provider = transformer_engine_spec_provider
     monkeypatch.setattr(gpt_layer_specs, "TESpecProvider", provider.TESpecProvider, raising=False)
     monkeypatch.setattr(provider, "is_te_min_version", lambda version: True)
     for name in _GROUPED:
         monkeypatch.setattr(provider, name, type(name, (_GroupedLinearStandIn,), {}))
-        monkeypatch.setattr(te_extensions, name, getattr(provider, name))
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        "importlib.util.find_spec",
-        lambda name, *args: object() if name == "transformer_engine" else real_find_spec(name),
-    )
+
+    def find_spec(name: str, *args: object) -> object:
+        return object() if name == "transformer_engine" else real_find_spec(name, *args)
+
+    monkeypatch.setattr("importlib.util.find_spec", find_spec)
 
     def build(model: ModelConfig) -> ModuleSpec:
         return layer_spec(model.model_copy(update={"transformer_impl": "transformer_engine"}))
