@@ -1,13 +1,21 @@
 """Pack a `TrainBatch` into token-budgeted micro-batches, split over data-parallel ranks.
 
 Samples are packed back to back (first-fit decreasing into bins of at most `max_tokens` tokens),
-never split. A micro-batch is one row `[1, T]`: position ids restart at 0 for every sample and a
-block-diagonal causal attention mask keeps samples from attending to each other. With RoPE the
-attention score depends only on the distance between query and key, so a packed sample computes
-exactly what it computes alone (the local layer spec has no THD/varlen attention; the mask is
-its packed-sequence mechanism). Padding fills each row up to a multiple of `pad_multiple`
-(sequence parallelism splits rows over TP ranks) or, with pipeline parallelism, up to one length
-shared by every micro-batch (fixed p2p shapes); `MicroBatchPlan.padding_fraction` measures it.
+never split. A micro-batch is one row `[1, T]` whose segments are its samples, then the padding
+block if any, described by `cu_seqlens` (cumulative segment lengths, as in flash-attention's
+varlen API). Each layer spec turns that into its packed-sequence mechanism at forward time, on
+the model's device:
+
+* Transformer Engine: `packed_seq_params` (THD format, `cu_seqlens`): varlen attention within
+  each segment and RoPE restarted per segment; no attention mask at all.
+* local spec (no varlen attention): `attention_mask`, the block-diagonal causal `[1, 1, T, T]`
+  mask of the same segments. With RoPE the attention score depends only on the distance
+  between query and key, so a packed sample computes exactly what it computes alone.
+
+Position ids restart at 0 for every segment. Padding fills each row up to a multiple of
+`pad_multiple` (sequence parallelism splits rows over TP ranks) or, with pipeline parallelism,
+up to one length shared by every micro-batch (fixed p2p shapes); it is one more segment, whose
+tokens carry no loss; `MicroBatchPlan.padding_fraction` measures it.
 
 Every DP rank gets the same number of micro-batches (EP all-to-alls pair them up across ranks),
 a multiple of `per_rank_multiple` (the interleaved schedule needs a multiple of the PP size):
@@ -33,8 +41,10 @@ class MicroBatch:
 
     Attributes:
         tokens: int64 input token ids (0 at padding).
-        position_ids: int64, 0.. within each sample (0.. for the padding block too).
-        attention_mask: `[1, 1, T, T]` bool, True = masked (Megatron-Core's convention).
+        position_ids: int64, 0.. within each segment.
+        cu_seqlens: int32 `[segments + 1]`, 0 then the cumulative segment lengths (the samples
+            in row order, then the padding block if any); the last entry is T.
+        max_seqlen: length of the longest segment.
         targets: int64 next token of each position (0 where there is none).
         rollout_log_probs: float32 the fleet's sampling log-prob of the target (nats), 0 off the
             loss mask.
@@ -48,7 +58,8 @@ class MicroBatch:
 
     tokens: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
     targets: torch.Tensor
     rollout_log_probs: torch.Tensor
     old_log_probs: torch.Tensor
@@ -61,6 +72,30 @@ class MicroBatch:
     def length(self) -> int:
         """T, padded row length in tokens."""
         return self.tokens.shape[1]
+
+    def attention_mask(self) -> torch.Tensor:
+        """`[1, 1, T, T]` bool on the row's device, True = masked (Megatron-Core's convention):
+        causal within each segment, nothing across segments (local layer spec)."""
+        segment = torch.repeat_interleave(
+            torch.arange(len(self.cu_seqlens) - 1, device=self.tokens.device),
+            self.cu_seqlens.diff(),
+            output_size=self.length,
+        )
+        causal = torch.ones(self.length, self.length, dtype=torch.bool, device=segment.device)
+        allowed = causal.tril_() & (segment[:, None] == segment[None, :])
+        return ~allowed.view(1, 1, self.length, self.length)
+
+    def packed_seq_params(self):
+        """Megatron-Core `PackedSeqParams` of the row in THD format (Transformer Engine)."""
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        return PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=self.cu_seqlens,
+            cu_seqlens_kv=self.cu_seqlens,
+            max_seqlen_q=self.max_seqlen,
+            max_seqlen_kv=self.max_seqlen,
+        )
 
 
 @dataclass(frozen=True)
@@ -129,7 +164,6 @@ def plan_micro_batches(
     pad_multiple: int = 1,
     common_length: bool = False,
     per_rank_multiple: int = 1,
-    pack: bool = True,
 ) -> MicroBatchPlan:
     """Pack samples into bins of <= `max_tokens` tokens and deal them to DP ranks.
 
@@ -142,7 +176,6 @@ def plan_micro_batches(
         pad_multiple: row lengths are rounded up to a multiple of it (TP size with SP).
         common_length: pad every row to the longest one (pipeline parallelism).
         per_rank_multiple: micro-batches per rank must be a multiple of it.
-        pack: False = one sample per micro-batch (for attention that ignores the mask).
 
     Raises:
         ValueError: a sample is longer than `max_tokens`.
@@ -154,8 +187,7 @@ def plan_micro_batches(
             f"samples {too_long[:5]} are longer than micro_batch_max_tokens={max_tokens} "
             f"(longest {max(lengths)} tokens)"
         )
-    capacity = max_tokens if pack else 0  # capacity 0: every sample opens its own bin
-    bins = _first_fit_decreasing(list(range(batch.num_samples)), lengths, capacity)
+    bins = _first_fit_decreasing(list(range(batch.num_samples)), lengths, max_tokens)
     while len(bins) % (data_parallel_size * per_rank_multiple):
         splittable = [b for b in bins if len(b) > 1]
         if not splittable:
@@ -199,16 +231,16 @@ def build_micro_batch(
         return torch.cat([values, values.new_full((pad,), fill)]).unsqueeze(0)
 
     has_target = ~is_last
-    block = torch.cat([sample_of_token, sample_of_token.new_full((pad,), len(samples))])
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    allowed = causal & (block[:, None] == block[None, :])
+    segments = [*selected.sample_offsets.diff().tolist(), *([pad] if pad else [])]
+    cu_seqlens = torch.tensor([0, *segments], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     rollout_log_probs = row(
         torch.where(has_target, selected.rollout_log_probs[next_index], 0.0), 0.0
     )
     return MicroBatch(
         tokens=row(selected.tokens, 0),
         position_ids=torch.cat([position, torch.arange(pad)]).unsqueeze(0),
-        attention_mask=~allowed.view(1, 1, length, length),
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max(segments),
         targets=row(torch.where(has_target, selected.tokens[next_index], 0), 0),
         rollout_log_probs=rollout_log_probs,
         old_log_probs=rollout_log_probs,

@@ -20,10 +20,11 @@ micro-batch's exact share of the global loss and its statistics; Megatron DDP re
 gradients and Megatron's optimizer (AdamW, distributed optimizer if configured, global grad-norm
 clipping) steps with the LR of `OptimizerParamScheduler` (linear warm-up from 0).
 
-Packing: with the local layer spec a micro-batch packs several samples behind a block-diagonal
-causal mask. Transformer Engine's attention applies its own causal mask and ignores that one, so
-with `transformer_engine` each micro-batch holds one sample (THD packed-sequence parameters,
-which would let TE pack, are not wired in yet).
+Packing: a micro-batch packs several samples (`micro_batches`); Transformer Engine attends
+within each through THD packed-sequence parameters, the local spec through a block-diagonal
+causal mask built on the device at forward time. With bf16/fp16 parameters the last stage hands
+the logits over in the model's dtype (`Float16Module(fp32_output=False)`): the chunked
+vocab-parallel log-prob/entropy upcasts one chunk at a time and returns float32.
 
 Loss scaling (megatron-core 0.16.1, `calculate_per_token_loss=False`): the schedule divides the
 returned loss by the local number of micro-batches M (`forward_step_calc_loss`) and DDP scales
@@ -299,7 +300,6 @@ class PolicyTrainer:
             pad_multiple=par.tensor if sequence_parallel else 1,
             common_length=par.pipeline > 1,
             per_rank_multiple=par.pipeline if par.virtual_pipeline else 1,
-            pack=self.config.model.transformer_impl == "local",
         )
         micro_batches = tuple(
             build_micro_batch(batch, samples, plan.row_length, plan.pad_multiple)
@@ -449,7 +449,14 @@ class PolicyTrainer:
         )
 
     def _forward(self, micro_batch: MicroBatch, model: torch.nn.Module) -> torch.Tensor:
-        return model(micro_batch.tokens, micro_batch.position_ids, micro_batch.attention_mask)
+        """Last stage: logits `[1, T, V / TP]` in the model's dtype; else the hidden states."""
+        kwargs = {} if self.config.model.params_dtype == "float32" else {"fp32_output": False}
+        if self.config.model.transformer_impl == "transformer_engine":
+            kwargs["packed_seq_params"] = micro_batch.packed_seq_params()
+            mask = None
+        else:
+            mask = micro_batch.attention_mask()
+        return model(micro_batch.tokens, micro_batch.position_ids, mask, **kwargs)
 
     def _forward_step(
         self,
@@ -475,7 +482,7 @@ class PolicyTrainer:
                 chunk_size=self.config.training.log_prob_chunk_size,
                 temperature=self.config.rollout.temperature,
             )
-            masked = torch.where(micro_batch.loss_mask, values.float(), 0.0)
+            masked = torch.where(micro_batch.loss_mask, values, 0.0)
             return logits.new_zeros(()), {"log_probs": masked.cpu()}
 
         return self._forward(micro_batch, model), log_probs
@@ -497,8 +504,8 @@ class PolicyTrainer:
             temperature=self.config.rollout.temperature,
         )
         share, stats = policy_objective(
-            log_probs.float(),
-            entropy.float(),
+            log_probs,
+            entropy,
             micro_batch.old_log_probs,
             micro_batch.advantages,
             micro_batch.loss_mask,

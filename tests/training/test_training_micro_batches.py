@@ -40,11 +40,6 @@ def test_plan_places_every_sample_once_within_budget(
     assert plan.padding_fraction(batch) == pytest.approx(1 - sum(LENGTHS) / slots)
 
 
-def test_without_packing_every_sample_is_its_own_micro_batch() -> None:
-    plan = plan_micro_batches(random_train_batch(0, LENGTHS), 64, 2, pack=False)
-    assert sorted(s for rank_bins in plan.bins for (s,) in rank_bins) == list(range(8))
-
-
 def test_sample_longer_than_budget_is_refused() -> None:
     with pytest.raises(ValueError, match="longer than micro_batch_max_tokens"):
         plan_micro_batches(random_train_batch(0, LENGTHS), 29, 1)
@@ -76,15 +71,48 @@ def test_row_targets_masks_and_positions_follow_each_sample() -> None:
     assert not row.loss_mask[0, cursor:].any()
 
 
-def test_attention_mask_is_block_diagonal_causal() -> None:
-    batch = random_train_batch(3, LENGTHS)
-    row = build_micro_batch(batch, (3, 7), row_length=20, pad_multiple=1)
-    masked = row.attention_mask[0, 0]
-    blocks = [0] * 5 + [1] * 8 + [2] * 7  # samples 3 (5 tokens), 7 (8 tokens), padding
-    for query in range(20):
-        for key in range(20):
-            allowed = key <= query and blocks[key] == blocks[query]
-            assert bool(masked[query, key]) == (not allowed), (query, key)
+def _expected_segments(batch, samples: tuple[int, ...], length: int) -> list[int]:
+    """Segment of every row position from the batch's own sample lengths (padding last)."""
+    lengths = batch.sample_offsets.diff().tolist()
+    segments = [index for index, sample in enumerate(samples) for _ in range(lengths[sample])]
+    return segments + [len(samples)] * (length - len(segments))
+
+
+@pytest.mark.parametrize(("pad_multiple", "common"), [(1, False), (8, False), (2, True)])
+def test_thd_metadata_and_dense_mask_describe_the_same_packing(
+    pad_multiple: int, common: bool
+) -> None:
+    """Token for token, the Transformer Engine path (THD `PackedSeqParams`) and the local path
+    (block-diagonal causal mask) let a query see exactly the earlier keys of its own sample."""
+    batch = random_train_batch(5, LENGTHS)
+    plan = plan_micro_batches(batch, 40, 2, pad_multiple, common)
+    rows = [
+        build_micro_batch(batch, samples, plan.row_length, plan.pad_multiple)
+        for rank_bins in plan.bins
+        for samples in rank_bins
+    ]
+    padded = [row.length > sum(LENGTHS[i] for i in row.samples) for row in rows]
+    assert any(padded) == (pad_multiple > 1 or common)  # padding is a segment of its own
+    for row in rows:
+        segment = torch.tensor(_expected_segments(batch, row.samples, row.length))
+        expected = (segment[:, None] == segment[None, :]) & torch.ones(
+            row.length, row.length, dtype=torch.bool
+        ).tril()
+        assert torch.equal(~row.attention_mask()[0, 0], expected)
+
+        params = row.packed_seq_params()
+        assert params.qkv_format == "thd"
+        assert params.cu_seqlens_q.dtype == torch.int32  # what TE's varlen kernels take
+        assert torch.equal(params.cu_seqlens_q, params.cu_seqlens_kv)
+        bounds = params.cu_seqlens_q.tolist()
+        thd_segment = torch.bucketize(
+            torch.arange(row.length), torch.tensor(bounds[1:]), right=True
+        )
+        assert torch.equal(thd_segment, segment)
+        assert bounds[0] == 0 and bounds[-1] == row.length
+        assert params.max_seqlen_q == params.max_seqlen_kv == max(torch.tensor(bounds).diff())
+        starts = torch.tensor(bounds[:-1])[segment]  # RoPE restarts per THD segment
+        assert torch.equal(row.position_ids[0], torch.arange(row.length) - starts)
 
 
 def test_dp_ranks_get_equal_counts_even_with_fewer_bins_than_ranks() -> None:
