@@ -8,11 +8,11 @@ all-gathered over its TP group, converted back (`hf_mappings.to_hf`), gathered o
 which writes `model.safetensors` (per-expert on-disk layout that transformers 5.x and SGLang
 load) plus `config.json`, the generation config and the tokenizer files of `source_dir`.
 
-Names follow the chunk's layer spec (`chunk_rules`: Megatron-Core's local or Transformer Engine
-spec, SequentialMLP or grouped-GEMM experts); the split dimension of a sharded tensor comes from
-its `Rule` (Transformer Engine marks every grouped expert weight as split along dim 0, also the
-row-parallel `linear_fc2`), layer numbers from `TransformerLayer.layer_number` and global expert
-ids from the expert-parallel rank.
+Names follow the chunk's `TransformerConfig` (`chunk_rules`: Megatron-Core's local or
+Transformer Engine spec, SequentialMLP or grouped-GEMM experts); the split dimension of a sharded
+tensor comes from its `Rule` (Transformer Engine marks every grouped expert weight as split along
+dim 0, also the row-parallel `linear_fc2`), layer numbers from `TransformerLayer.layer_number` and
+global expert ids from the expert-parallel rank.
 """
 
 from __future__ import annotations
@@ -128,18 +128,14 @@ def _hf_config(directory: Path) -> dict:
 
 
 def chunk_rules(chunk: torch.nn.Module, model_type: str) -> dict[str, Rule]:
-    """`weight_rules` of a `GPTModel` chunk: Transformer Engine names if its layer spec fuses the
-    input norm into `linear_qkv` (`TELayerNormColumnParallelLinear`, the spec that
-    `model.transformer_impl: transformer_engine` builds), grouped GEMM from its config."""
-    from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear
-
-    attention = chunk.transformer_layer_spec.submodules.self_attention.submodules
-    fused = attention.linear_qkv is TELayerNormColumnParallelLinear
+    """`weight_rules` of a `GPTModel` chunk, for the layer implementation and grouped GEMM its
+    `TransformerConfig` was built with (`model.transformer_impl`, `model.moe.grouped_gemm`)."""
+    config = chunk.config
     return weight_rules(
         model_type,
         chunk.share_embeddings_and_output_weights,
-        "transformer_engine" if fused else "local",
-        chunk.config.moe_grouped_gemm,
+        config.transformer_impl,
+        config.moe_grouped_gemm,
     )
 
 

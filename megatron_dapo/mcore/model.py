@@ -105,6 +105,7 @@ def transformer_config(
         batch_p2p_comm=on_gpu,
         calculate_per_token_loss=False,
         cuda_graph_scope=[],  # the whole layer; Megatron-Core's default "full" is deprecated
+        transformer_impl=model.transformer_impl,
         **_recompute_kwargs(recompute),
         **moe_kwargs,
     )

@@ -220,7 +220,7 @@ def test_te_spec_names_and_rules_match(te_spec, checkpoints, model_type, grouped
     chunk = SimpleNamespace(
         transformer_layer_spec=spec,
         share_embeddings_and_output_weights=model.tie_embeddings,
-        config=SimpleNamespace(moe_grouped_gemm=grouped),
+        config=SimpleNamespace(transformer_impl="transformer_engine", moe_grouped_gemm=grouped),
     )
     rules = chunk_rules(chunk, model_type)
     assert rules == weight_rules(model_type, model.tie_embeddings, "transformer_engine", grouped)
