@@ -10,6 +10,8 @@ A general plugin (`sglang.srt.plugins`, loaded before the server arguments are c
 declares `torch_native` attention usable with `--enable-deterministic-inference` on CPU: that
 backend attends each request separately, so its output does not depend on the batch, and the
 flag's per-request `sampling_seed` then makes sampling reproducible (exact resume needs it).
+Another general plugin keeps host buffers that SGLang pins for CUDA copies unpinned on CPU, so
+`--enable-return-routed-experts` (routing replay) starts.
 """
 
 from __future__ import annotations
@@ -49,6 +51,33 @@ def allow_deterministic_cpu_attention() -> None:
     HookRegistry.register(
         "sglang.srt.layers.sampler.multinomial_with_seed", seeded_gumbel_max, HookType.REPLACE
     )
+
+
+def unpinned_host_buffers() -> None:
+    """SGLang general-plugin hook: on CPU, host buffers stay ordinary (unpinned) memory.
+
+    SGLang allocates some host buffers through `mem_cache/pool_host/common.py`
+    `alloc_with_host_register`, which pins them with `cudaHostRegister`; without CUDA that
+    raises "Found no NVIDIA driver". The routed-experts capturer of
+    `--enable-return-routed-experts` is one (`state_capturer/base.py` `BaseHostCache`, int32
+    `[KV-pool tokens, layers, top-k]`): the scheduler died at start-up. Pinning only speeds up
+    copies to a GPU, so on CPU registration is skipped.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(
+        "sglang.srt.mem_cache.pool_host.common._cuda_host_register",
+        _no_host_register,
+        HookType.REPLACE,
+    )
+
+
+def _no_host_register(*args: object, **kwargs: object) -> None:
+    """Replaces `_cuda_host_register` on CPU: the buffer stays as allocated."""
 
 
 def _no_batch_invariant_kernels(*args: object, **kwargs: object) -> None:
