@@ -8,6 +8,8 @@
              fleet serves the policy's version (re-synced when resumed or in cluster mode).
     step k:  rank 0   queue.next_batch(k) -> TrainBatch (generate, score, filter, advantages)
              all      receive the TrainBatch (broadcast from rank 0)
+             rank 0   colocated placement: the servers release their KV cache and weights
+                      (resumed for the weight sync and the next generation)
              all      PolicyTrainer.train: pi_old recomputed by a forward pass over the batch
                       (`algorithm.old_log_probs`), then one optimizer step per mini-batch
              all      gather the new weights (collective); rank 0 hands them to the fleet as
@@ -201,6 +203,8 @@ def run(config: RunConfig) -> None:
         for version in range(first_step, steps):
             started = time.perf_counter()
             batch, stats = data_plane.next_batch(version) if data_plane else (None, None)
+            if data_plane is not None:
+                data_plane.before_training()  # colocated: the servers free the GPUs
             generated = time.perf_counter()
             batch = _broadcast_from_rank0(batch)
             trained_batch = trainer.train(batch)  # pi_old recomputed, then the optimizer steps

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.sglang_server import GPU_PLACEMENT_FLAGS, MEMORY_FRACTION_FLAG, server_flag_value
+
 
 class Section(BaseModel):
     """Base of every config section: immutable, unknown keys are errors."""
@@ -73,12 +75,48 @@ class RolloutConfig(Section):
     weight_sync_address: str | None = None
     """`distributed`: the address the servers reach the trainer's rank 0 at for the broadcast
     group's rendezvous; None = 127.0.0.1 in embedded mode, this host's FQDN in cluster mode."""
+    placement: Literal["separate", "colocated"] = "separate"
+    """Embedded servers' GPUs (`pipeline.colocation`): `separate` = GPUs no trainer rank of the
+    node uses; `colocated` = the GPUs of the trainer's local ranks, shared: the servers release
+    their weights and KV cache while the trainer trains and resume them for the weight sync
+    and generation."""
+    colocated_memory_fraction: float = Field(0.4, gt=0.0, lt=1.0)
+    """Colocated placement: each server's `--mem-fraction-static` (weights + KV cache, as a
+    fraction of the GPU's memory); the trainer keeps the rest while the servers generate."""
 
     @model_validator(mode="after")
     def _check_mode(self) -> RolloutConfig:
         if self.mode == "cluster" and not (self.server_urls or self.router_url):
             raise ValueError("cluster mode needs rollout.server_urls or rollout.router_url")
+        if self.mode == "embedded" and (
+            server_flag_value(self.server_args, GPU_PLACEMENT_FLAGS) is not None
+        ):
+            raise ValueError(
+                f"rollout.server_args sets {' / '.join(GPU_PLACEMENT_FLAGS)}: embedded servers "
+                "get their GPUs from rollout.placement"
+            )
+        if self.placement == "colocated":
+            self._check_colocated()
         return self
+
+    def _check_colocated(self) -> None:
+        if self.mode != "embedded":
+            raise ValueError(
+                "rollout.placement=colocated needs rollout.mode=embedded: in cluster mode the "
+                "fleet launcher would have to start each server on its trainer ranks' GPUs "
+                f"(--base-gpu-id, {MEMORY_FRACTION_FLAG}, --enable-memory-saver), which it "
+                "does not"
+            )
+        if self.weight_sync == "distributed":
+            raise ValueError(
+                "rollout.placement=colocated cannot use rollout.weight_sync=distributed: NCCL "
+                "refuses two ranks of one group on one GPU; use tensor (CUDA IPC) or disk"
+            )
+        if server_flag_value(self.server_args, (MEMORY_FRACTION_FLAG,)) is not None:
+            raise ValueError(
+                f"rollout.server_args sets {MEMORY_FRACTION_FLAG}: colocated servers take "
+                "rollout.colocated_memory_fraction"
+            )
 
 
 class DataConfig(Section):

@@ -1,6 +1,7 @@
 """The rollout fleet: local SGLang servers (embedded mode) or remote URLs (cluster mode).
 
-Embedded mode starts `num_servers` SGLang servers on free 127.0.0.1 ports (and, with
+Embedded mode starts `num_servers` SGLang servers on free 127.0.0.1 ports, on the GPUs
+`rollout.placement` gives them (`pipeline.colocation.embedded_server_args`) (and, with
 `use_router`, an `sglang-router` in front), waits until each answers `/health` (a server whose
 port was taken between choosing and binding it, e.g. by another server's internal ports, is
 started again on a new port, at most `PORT_CLASH_RETRIES` times; the router:
@@ -26,6 +27,7 @@ from typing import Self
 
 import aiohttp
 
+from pipeline.colocation import embedded_server_args
 from pipeline.config import RolloutConfig
 from pipeline.metrics import FleetMetrics
 from pipeline.rollout_client import RevivalPolicy, RolloutClient
@@ -70,6 +72,10 @@ class EmbeddedFleetOptions:
     """The longest request the run sends (`sample_token_budget`): CPU servers get a KV pool
     that holds it, so SGLang never lowers `max_new_tokens` below the configured length."""
     dtype: str | None = None
+    trainer_local_ranks: int = 1
+    """Trainer ranks on this node, on GPUs 0..R-1 (`rollout.placement` places servers by them)."""
+    visible_gpus: int = 0
+    """GPUs this node's processes see; 0 = a CPU node (no GPU flags)."""
 
 
 class RolloutFleet:
@@ -92,6 +98,7 @@ class RolloutFleet:
         self.processes: list[ManagedProcess] = []
         self.startup_s = 0.0
         self._restarts: dict[str, int] = {}
+        self._placement_args: list[tuple[str, ...]] = []
 
     def start(self) -> None:
         """Embedded mode: spawn the servers (and router), wait for them; no-op in cluster mode.
@@ -101,6 +108,9 @@ class RolloutFleet:
         if self.config.mode != "embedded":
             return
         assert self.embedded is not None
+        self._placement_args = embedded_server_args(
+            self.config, self.embedded.trainer_local_ranks, self.embedded.visible_gpus
+        )
         atexit.register(self.stop)
         begin = time.monotonic()
         try:
@@ -124,7 +134,11 @@ class RolloutFleet:
         """Start embedded server `index` on a free port; its URL goes to `worker_urls[index]`."""
         threads = str(options.threads_per_server)
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        extra = (*sglang_dtype_args(options.dtype), *self.config.server_args)
+        extra = (
+            *self._placement_args[index],
+            *sglang_dtype_args(options.dtype),
+            *self.config.server_args,
+        )
         if options.cpu_defaults:
             extra = (*cpu_server_args(options.sample_tokens), *extra)
         if self.config.deterministic:

@@ -12,7 +12,8 @@ is broken or of another version, not busy).
 
 Schemas: `sglang/srt/managers/io_struct.py` (`GenerateReqInput`, `UpdateWeightFromDiskReqInput`,
 `InitWeightsUpdateGroupReqInput`, `UpdateWeightsFromDistributedReqInput`,
-`UpdateWeightsFromTensorReqInput`, `AbortReq`) and `sglang/srt/entrypoints/http_server.py`.
+`UpdateWeightsFromTensorReqInput`, `AbortReq`, `ReleaseMemoryOccupationReqInput`,
+`ResumeMemoryOccupationReqInput`) and `sglang/srt/entrypoints/http_server.py`.
 """
 
 from __future__ import annotations
@@ -414,6 +415,16 @@ class SGLangServerClient:
                 "weight_version": weight_version,
             },
         )
+
+    async def release_memory_occupation(self, tags: Sequence[str]) -> None:
+        """Free the GPU memory of `tags` (`kv_cache`, `weights`); the server must be idle and
+        started with `--enable-memory-saver` to free anything (else the call only flushes)."""
+        await self._post("/release_memory_occupation", {"tags": list(tags)})
+
+    async def resume_memory_occupation(self, tags: Sequence[str]) -> None:
+        """Take back the memory of released `tags` (released weights hold no values until the
+        next weight update)."""
+        await self._post("/resume_memory_occupation", {"tags": list(tags)})
 
     async def _in_update_session(self, path: str, payload: dict[str, Any]) -> None:
         await self._checked("/begin_weight_update", {"selector": "all"})

@@ -70,6 +70,31 @@ def sglang_dtype_args(dtype: str | None) -> tuple[str, ...]:
 DETERMINISTIC_SERVER_FLAG = "--enable-deterministic-inference"
 """Makes SGLang honour each request's `sampling_seed` (on CPU: launch/sglang_cpu_platform)."""
 
+GPU_PLACEMENT_FLAGS = ("--base-gpu-id", "--gpu-id-step")
+"""Flags that choose a server's GPUs: the embedded fleet sets them (`pipeline.colocation`)."""
+MEMORY_FRACTION_FLAG = "--mem-fraction-static"
+"""The fraction of a GPU's memory a server takes for weights and KV cache."""
+MEMORY_SAVER_FLAG = "--enable-memory-saver"
+"""Lets a server release and resume its GPU memory (needs `torch_memory_saver` and CUDA)."""
+SERVER_TP_FLAGS = ("--tp", "--tp-size", "--tensor-parallel-size")
+"""`sglang.launch_server` flags that set a server's tensor-parallel size (SGLang default 1)."""
+
+
+def server_flag_value(args: Sequence[str], names: Sequence[str]) -> str | None:
+    """The value of the first of the flags `names` in a server command line `args`
+    (`--flag value` or `--flag=value`); None if absent."""
+    for index, arg in enumerate(args):
+        name, sep, value = arg.partition("=")
+        if name in names:
+            return value if sep else args[index + 1]
+    return None
+
+
+def server_tensor_parallel(server_args: Sequence[str]) -> int:
+    """GPUs per server: its TP size from `server_args` (`--tp N`, `--tp-size=N`, ...); 1 if
+    absent, as SGLang."""
+    return int(server_flag_value(server_args, SERVER_TP_FLAGS) or 1)
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on `host` right now."""

@@ -34,7 +34,8 @@ Trainer, per rank (Megatron-Core 0.16.1 as `megatron_dapo.mcore.policy_step` bui
 Rollout fleet, per SGLang server GPU: the weights / fleet TP, and a KV cache of 2 x layers x
 kv_heads x head_dim x d bytes per token for `rollout.max_inflight_per_server` requests of
 `data.max_prompt_length + rollout.max_response_length` tokens, in what SGLang leaves for
-weights and KV (`SGLANG_RESERVED_GIB`, or `--mem-fraction-static` in `rollout.server_args`).
+weights and KV (`SGLANG_RESERVED_GIB`, or the `--mem-fraction-static` of
+`pipeline.colocation.server_memory_fraction`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ import math
 from dataclasses import dataclass
 
 from megatron_dapo.config.schema import RunConfig
+from pipeline.colocation import server_memory_fraction
+from pipeline.sglang_server import server_tensor_parallel
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -61,8 +64,6 @@ SGLANG_RESERVED_GIB = 10.0
 LOG_PROB_CHUNK_BUFFERS = 2
 """fp32 [chunk, V / t] buffers alive at once in a chunk of `logprobs` (the shifted logits and
 their exponential, forward and backward alike)."""
-FLEET_TP_FLAGS = ("--tp", "--tp-size", "--tensor-parallel-size")
-"""`rollout.server_args` flags that set a server's tensor-parallel size (SGLang default 1)."""
 
 
 @dataclass(frozen=True)
@@ -377,30 +378,16 @@ def _stage(config: RunConfig, name: str, first: bool, last: bool, in_flight: int
     )
 
 
-def fleet_tensor_parallel(server_args: tuple[str, ...]) -> int:
-    """The servers' TP size from `rollout.server_args` (`--tp N`, `--tp-size=N`, ...); 1 if
-    absent, as SGLang."""
-    return int(_flag_value(server_args, FLEET_TP_FLAGS) or 1)
-
-
-def _flag_value(args: tuple[str, ...], names: tuple[str, ...]) -> str | None:
-    for index, arg in enumerate(args):
-        name, sep, value = arg.partition("=")
-        if name in names:
-            return value if sep else args[index + 1]
-    return None
-
-
 def fleet_memory(config: RunConfig, gpu_gib: float) -> FleetMemory:
     """One fleet server's memory per GPU (see the module doc)."""
     model, rollout = config.model, config.rollout
     d = DTYPE_BYTES[model.params_dtype]
-    tp = fleet_tensor_parallel(rollout.server_args)
+    tp = server_tensor_parallel(rollout.server_args)
     groups = model.num_query_groups or model.num_attention_heads
     kv_heads_per_gpu = max(groups / tp, 1)  # SGLang replicates KV heads when TP > groups
     head = _widths(config)[2]
-    fraction = _flag_value(rollout.server_args, ("--mem-fraction-static",))
-    pool = gpu_gib * GIB * float(fraction) if fraction else (gpu_gib - SGLANG_RESERVED_GIB) * GIB
+    fraction = server_memory_fraction(rollout)
+    pool = gpu_gib * GIB * fraction if fraction else (gpu_gib - SGLANG_RESERVED_GIB) * GIB
     if rollout.mode == "embedded":
         servers: int | None = rollout.num_servers
     elif config.launch.rollout_nodes:

@@ -37,6 +37,7 @@ from megatron_dapo.config.hf_architecture import (
     model_fields_from_hf,
 )
 from pipeline.advantages import AdvantageConfig
+from pipeline.colocation import embedded_server_gpus
 from pipeline.config import (
     DataConfig,
     DynamicSamplingConfig,
@@ -470,6 +471,7 @@ class RunConfig(Section):
             groups_per_step=self.training.prompts_per_step,
             run_name=self.metrics.run_name,
             policy_dtype=self.model.params_dtype,
+            trainer_local_ranks=self.launch.nproc_per_node,
         )
 
     @property
@@ -557,6 +559,9 @@ class RunConfig(Section):
                 "on the log-probs of sampled tokens"
             )
         self._check_length_budget()
+        if self.rollout.placement == "colocated":  # every server shares trainer ranks' GPUs
+            nproc = self.launch.nproc_per_node
+            embedded_server_gpus(self.rollout, trainer_local_ranks=nproc, visible_gpus=nproc)
         overlong = self.reward.overlong
         if overlong.soft_punishment and overlong.cache_length > self.rollout.max_response_length:
             raise ValueError(
