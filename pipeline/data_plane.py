@@ -35,6 +35,7 @@ from pipeline.config import (
     Section,
 )
 from pipeline.stop_tokens import resolve_stop_token_ids
+from pipeline.train_batch import ExpertRouting
 
 if TYPE_CHECKING:  # the run config imports this module: keep its import light
     from prometheus_client import CollectorRegistry
@@ -62,6 +63,9 @@ class DataPlaneConfig(Section):
     trainer_local_ranks: int = Field(1, ge=1)
     """Trainer ranks on the data plane's node (`launch.nproc_per_node`), on GPUs 0..R-1:
     embedded servers are placed by them (`rollout.placement`)."""
+    routing: ExpertRouting | None = None
+    """MoE routing replay (`algorithm.routing_replay: rollout`): the fleet returns every
+    token's routed experts, which the batches carry; None = no routes."""
 
 
 class DataPlane:
@@ -94,7 +98,7 @@ class DataPlane:
             trainer_local_ranks=config.trainer_local_ranks,
             visible_gpus=torch.cuda.device_count(),
         )
-        self.fleet = RolloutFleet(config.rollout, embedded)
+        self.fleet = RolloutFleet(config.rollout, embedded, config.routing)
         self.fleet.start()
         try:
             self._run(self._open(model_path, registry))

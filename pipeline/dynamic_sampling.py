@@ -53,7 +53,7 @@ from pipeline.prompts import Prompt, PromptSource
 from pipeline.rewards.base import RewardResult, RewardScorer
 from pipeline.rollout_client import RolloutEngine
 from pipeline.sglang_client import Generation, SamplingParams
-from pipeline.train_batch import TrainBatch
+from pipeline.train_batch import TrainBatch, unrouted
 
 ABORT_FINISH_REASON = "abort"
 
@@ -514,6 +514,7 @@ class DynamicSamplingQueue:
         loss_mask: list[bool] = []
         lengths, prompt_lengths, group_ids, versions = [], [], [], []
         metadata: list[dict[str, Any]] = []
+        routes: list[torch.Tensor] = []
         for group in groups:
             group_id = self._next_group_id
             self._next_group_id += 1
@@ -530,6 +531,8 @@ class DynamicSamplingQueue:
                 prompt_lengths.append(len(prompt))
                 group_ids.append(group_id)
                 versions.append(generation.weight_version)
+                if generation.routed_experts is not None:  # all but the last token's
+                    routes += [generation.routed_experts, unrouted(1, generation.routed_experts)]
                 metadata.append(
                     {
                         "row_index": group.prompt.row_index,
@@ -550,7 +553,24 @@ class DynamicSamplingQueue:
             group_ids=torch.tensor(group_ids, dtype=torch.int64),
             weight_versions=torch.tensor(versions, dtype=torch.int64),
             metadata=tuple(metadata),
+            routed_experts=_packed_routes(routes, len(lengths)),
         )
+
+
+def _packed_routes(routes: list[torch.Tensor], num_samples: int) -> torch.Tensor | None:
+    """The samples' routes (two tensors per sample) packed `[N, L, K]`; None without routes.
+
+    Raises:
+        ValueError: some samples have routes and others not.
+    """
+    if not routes:
+        return None
+    if len(routes) != 2 * num_samples:
+        raise ValueError(
+            f"{len(routes) // 2} of {num_samples} responses carry routed experts: the fleet "
+            "must return them for every response (routing replay)"
+        )
+    return torch.cat(routes)
 
 
 async def _cancel(tasks: set[asyncio.Task[Any]]) -> None:

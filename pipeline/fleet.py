@@ -34,6 +34,7 @@ from pipeline.rollout_client import RevivalPolicy, RolloutClient
 from pipeline.sglang_client import RetryPolicy, SGLangServerClient
 from pipeline.sglang_server import (
     DETERMINISTIC_SERVER_FLAG,
+    ROUTED_EXPERTS_SERVER_FLAG,
     ManagedProcess,
     cpu_server_args,
     free_port,
@@ -42,6 +43,7 @@ from pipeline.sglang_server import (
     sglang_server_argv,
     start_router,
 )
+from pipeline.train_batch import ExpertRouting
 
 logger = logging.getLogger(__name__)
 
@@ -88,11 +90,20 @@ class RolloutFleet:
         startup_s: seconds from spawning to all healthy (embedded mode).
     """
 
-    def __init__(self, config: RolloutConfig, embedded: EmbeddedFleetOptions | None = None):
+    def __init__(
+        self,
+        config: RolloutConfig,
+        embedded: EmbeddedFleetOptions | None = None,
+        routing: ExpertRouting | None = None,
+    ):
+        """`routing`: MoE routing replay; embedded servers then run with
+        `--enable-return-routed-experts` (cluster servers must be started with it) and every
+        client generation asks for its routes."""
         if config.mode == "embedded" and embedded is None:
             raise ValueError("embedded rollout mode needs EmbeddedFleetOptions (model path)")
         self.config = config
         self.embedded = embedded
+        self.routing = routing
         self.worker_urls: list[str] = list(config.server_urls)
         self.router_url: str | None = config.router_url
         self.processes: list[ManagedProcess] = []
@@ -143,6 +154,8 @@ class RolloutFleet:
             extra = (*cpu_server_args(options.sample_tokens), *extra)
         if self.config.deterministic:
             extra = (*extra, DETERMINISTIC_SERVER_FLAG)
+        if self.routing is not None:
+            extra = (*extra, ROUTED_EXPERTS_SERVER_FLAG)
         port = free_port()
         argv = sglang_server_argv(options.model_path, port, extra_args=extra)
         process = ManagedProcess(
@@ -199,6 +212,7 @@ class RolloutFleet:
                 timeout_s=self.config.request_timeout_s,
                 retry=RetryPolicy(max_retries=self.config.max_retries),
                 metrics=metrics,
+                routing=self.routing,
             )
 
         router = server(self.router_url) if self.router_url else None

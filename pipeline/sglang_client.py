@@ -8,7 +8,8 @@ and 5xx answers with exponential backoff. A connection failure on a server that 
 answers `/health` raises `ServerUnavailable` at once, so the fleet (`pipeline.rollout_client`)
 can re-issue the request elsewhere. A 2xx answer that does not follow the `/generate` schema
 raises `MalformedResponse` naming the server and the problem, without retrying (such a server
-is broken or of another version, not busy).
+is broken or of another version, not busy). With `routing` set (MoE routing replay) every
+generation also asks for the experts the server routed each token to.
 
 Schemas: `sglang/srt/managers/io_struct.py` (`GenerateReqInput`, `UpdateWeightFromDiskReqInput`,
 `InitWeightsUpdateGroupReqInput`, `UpdateWeightsFromDistributedReqInput`,
@@ -24,12 +25,14 @@ import io
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
+import torch
 
 from pipeline.metrics import FleetMetrics
+from pipeline.train_batch import ExpertRouting
 
 
 class ServerUnavailable(RuntimeError):
@@ -94,6 +97,10 @@ class Generation:
         server_url: the server that generated it.
         weight_version: the policy version that generated it, as tracked by the fleet client
             (-1 from a bare server client).
+        routed_experts: `[P + T - 1, L, K]` (`routing.dtype`) the K experts the server's
+            router chose for each token of prompt + response at each of its L MoE layers, all
+            but the last token (sampled, never fed to the model); None unless routes were
+            asked for (and for an aborted response).
     """
 
     output_ids: tuple[int, ...]
@@ -102,10 +109,19 @@ class Generation:
     server_weight_version: str
     server_url: str
     weight_version: int = -1
+    routed_experts: torch.Tensor | None = field(default=None, compare=False)
 
     @classmethod
-    def from_response(cls, body: Any, server_url: str) -> Generation:
-        """Parse a `/generate` answer (decoded JSON, or the raw text if it was not JSON).
+    def from_response(
+        cls,
+        body: Any,
+        server_url: str,
+        prompt_length: int = 0,
+        routing: ExpertRouting | None = None,
+    ) -> Generation:
+        """Parse a `/generate` answer (decoded JSON, or the raw text if it was not JSON); with
+        `routing`, also its routes (`meta_info["routed_experts"]`: base64 of int32
+        `[prompt_length + T - 1, L, K]`, SGLang's `routed_experts_start_len` 0).
 
         Raises:
             MalformedResponse: `body` does not follow the schema; the message names the server,
@@ -137,7 +153,24 @@ class Generation:
             raise malformed(f"a field of the wrong type ({error})") from error
         if token_ids != list(output_ids):
             raise malformed("log-prob token ids that differ from output_ids")
-        return generation
+        if routing is None or generation.finish_reason == "abort":
+            return generation
+        encoded = meta.get("routed_experts")
+        if not isinstance(encoded, str):
+            raise malformed(
+                "no routed_experts (routing replay needs servers started with "
+                "--enable-return-routed-experts)"
+            )
+        rows = prompt_length + len(output_ids) - 1
+        shape = (rows, routing.num_layers, routing.topk)
+        try:
+            flat = torch.frombuffer(bytearray(base64.b64decode(encoded)), dtype=torch.int32)
+            routes = flat.reshape(shape)
+        except (ValueError, RuntimeError) as error:
+            raise malformed(f"routed_experts that are not int32 {list(shape)} ({error})") from error
+        if bool((routes < 0).any() | (routes >= routing.num_experts).any()):
+            raise malformed(f"routed_experts outside [0, {routing.num_experts})")
+        return replace(generation, routed_experts=routes.to(routing.dtype))
 
 
 @dataclass(frozen=True)
@@ -164,6 +197,9 @@ class SGLangServerClient:
         timeout_s: limit of one HTTP call, seconds.
         retry: retry policy of timeouts and 5xx answers.
         metrics: fleet metrics to update (a private registry when not given).
+        routing: the MoE routing to ask every generation's routes of (`Generation.
+            routed_experts`; the server runs with `--enable-return-routed-experts`); None =
+            no routes.
     """
 
     url: str
@@ -172,6 +208,7 @@ class SGLangServerClient:
     timeout_s: float = 3600.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     metrics: FleetMetrics = field(default_factory=FleetMetrics)
+    routing: ExpertRouting | None = None
     inflight: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -253,18 +290,19 @@ class SGLangServerClient:
                 before `max_new_tokens` (SGLang does so silently).
         """
         request = f"prompt of {len(input_ids)} tokens, max_new_tokens {params.max_new_tokens}"
+        payload = {
+            "input_ids": list(input_ids),
+            "sampling_params": params.to_json(),
+            "return_logprob": True,
+            "rid": rid or uuid.uuid4().hex,
+        }
+        if self.routing is not None:
+            payload["return_routed_experts"] = True
         try:
-            body = await self._post_generate(
-                {
-                    "input_ids": list(input_ids),
-                    "sampling_params": params.to_json(),
-                    "return_logprob": True,
-                    "rid": rid or uuid.uuid4().hex,
-                }
-            )
+            body = await self._post_generate(payload)
         except ServerRequestError as error:
             raise ServerRequestError(f"{error} (request: {request})") from error
-        generation = Generation.from_response(body, self.url)
+        generation = Generation.from_response(body, self.url, len(input_ids), self.routing)
         length = len(generation.output_ids)
         if generation.finish_reason == "length" and length < params.max_new_tokens:
             raise ResponseCutShort(

@@ -69,6 +69,9 @@ def sglang_dtype_args(dtype: str | None) -> tuple[str, ...]:
 
 DETERMINISTIC_SERVER_FLAG = "--enable-deterministic-inference"
 """Makes SGLang honour each request's `sampling_seed` (on CPU: launch/sglang_cpu_platform)."""
+ROUTED_EXPERTS_SERVER_FLAG = "--enable-return-routed-experts"
+"""Lets requests ask for the experts each token was routed to (MoE routing replay; on CPU it
+needs launch/sglang_cpu_platform's unpinned host buffers)."""
 
 GPU_PLACEMENT_FLAGS = ("--base-gpu-id", "--gpu-id-step")
 """Flags that choose a server's GPUs: the embedded fleet sets them (`pipeline.colocation`)."""

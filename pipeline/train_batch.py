@@ -14,9 +14,15 @@ A batch holds S samples (prompt + response each), packed back to back without pa
     group_ids         [S]    int64   samples of one prompt share a group id
     weight_versions   [S]    int64   policy version that generated each sample
     metadata          S dicts        JSON-serialisable per-sample extras (finish reason, ...)
+    routed_experts    [N, L, K] uint8/int16, optional (MoE routing replay): the K experts the
+                                     fleet's router chose for token p at MoE layer l, ids in
+                                     [0, E); `ExpertRouting` gives L, K, E and the dtype. The
+                                     fleet reports none for a sample's last token (it is sampled,
+                                     never fed to the model): there it holds experts 0..K-1.
 
 Token i of a response at packed position p is predicted from position p - 1, so the training
-plane reads `rollout_log_probs[p]` / `loss_mask[p]` against the logits at p - 1.
+plane reads `rollout_log_probs[p]` / `loss_mask[p]` against the logits at p - 1; routes are the
+input token's, `routed_experts[p]` routes the token at p itself.
 `save` / `load` write one torch file (tensors + metadata + schema version) to replay a step.
 """
 
@@ -28,7 +34,7 @@ from typing import Any
 
 import torch
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _DTYPES = {
     "tokens": torch.int64,
@@ -41,6 +47,58 @@ _DTYPES = {
     "group_ids": torch.int64,
     "weight_versions": torch.int64,
 }
+ROUTE_DTYPES = (torch.uint8, torch.int16)
+"""Dtypes of `routed_experts`: uint8 for up to 256 experts, int16 up to 32768."""
+
+
+@dataclass(frozen=True)
+class ExpertRouting:
+    """The MoE routing the fleet reports per token: every layer is an MoE layer with `topk` of
+    `num_experts` experts (routing replay, `algorithm.routing_replay: rollout`)."""
+
+    num_layers: int
+    topk: int
+    num_experts: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The most compact of `ROUTE_DTYPES` that holds every expert id."""
+        for dtype in ROUTE_DTYPES:
+            if self.num_experts - 1 <= torch.iinfo(dtype).max:
+                return dtype
+        raise ValueError(f"{self.num_experts} experts do not fit in {ROUTE_DTYPES}")
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Memory of one token's routes: layers x top-k x the dtype's bytes."""
+        return self.num_layers * self.topk * self.dtype.itemsize
+
+    def check(self, routes: torch.Tensor | None) -> None:
+        """Raise ValueError unless `routes` (`TrainBatch.routed_experts`) are of this routing:
+        `[N, num_layers, topk]` with ids below `num_experts`."""
+        if routes is None:
+            raise ValueError(
+                "routing replay is on but the batch carries no routed experts (the fleet did "
+                "not return them)"
+            )
+        if routes.shape[1:] != (self.num_layers, self.topk):
+            raise ValueError(
+                f"routed experts of {list(routes.shape[1:])} (layers, top-k) do not fit the "
+                f"model's {self.num_layers} MoE layers with top-{self.topk}"
+            )
+        if len(routes) and int(routes.max()) >= self.num_experts:
+            raise ValueError(
+                f"routed expert id {int(routes.max())} exceeds the model's {self.num_experts} "
+                "experts"
+            )
+
+
+def unrouted(num_tokens: int, like: torch.Tensor) -> torch.Tensor:
+    """`[num_tokens, L, K]` routes to experts 0..K-1, in the dtype of `like` (`[*, L, K]`): the
+    route of tokens no router chose for (a sample's last token, padding)."""
+    num_layers, topk = like.shape[-2:]
+    experts = torch.arange(topk, dtype=like.dtype, device=like.device)
+    return experts.expand(num_tokens, num_layers, topk).clone()
 
 
 @dataclass(frozen=True)
@@ -57,6 +115,7 @@ class TrainBatch:
     group_ids: torch.Tensor
     weight_versions: torch.Tensor
     metadata: tuple[dict[str, Any], ...] = field(default=())
+    routed_experts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         for name, dtype in _DTYPES.items():
@@ -97,6 +156,31 @@ class TrainBatch:
             non_finite = int((~torch.isfinite(values)).sum())
             if non_finite:
                 raise ValueError(f"TrainBatch.{name} has {non_finite} non-finite value(s) {where}")
+        if self.routed_experts is not None:
+            self._check_routes(self.routed_experts)
+
+    def _check_routes(self, routes: torch.Tensor) -> None:
+        """`routed_experts` is `[N, L, K]` of a route dtype, with K distinct experts >= 0."""
+        if (
+            not isinstance(routes, torch.Tensor)
+            or routes.dtype not in ROUTE_DTYPES
+            or routes.dim() != 3
+            or len(routes) != self.num_tokens
+        ):
+            got = f"{routes.dtype} {tuple(routes.shape)}" if torch.is_tensor(routes) else routes
+            raise ValueError(
+                f"TrainBatch.routed_experts must be a [{self.num_tokens}, layers, top-k] tensor "
+                f"of {ROUTE_DTYPES}, got {got}"
+            )
+        if bool((routes < 0).any()):
+            raise ValueError("TrainBatch.routed_experts holds negative expert ids")
+        repeated = (routes.sort(dim=2).values.diff(dim=2) == 0).any(dim=2)  # [N, L]
+        if bool(repeated.any()):
+            token, layer = (int(i) for i in repeated.nonzero()[0])
+            raise ValueError(
+                f"TrainBatch.routed_experts routes token {token} to one expert twice at layer "
+                f"{layer}: {routes[token, layer].tolist()}"
+            )
 
     @property
     def num_samples(self) -> int:
@@ -137,6 +221,9 @@ class TrainBatch:
             group_ids=self.group_ids[samples],
             weight_versions=self.weight_versions[samples],
             metadata=tuple(self.metadata[i] for i in samples.tolist()) if self.metadata else (),
+            routed_experts=(
+                self.routed_experts[token_index] if self.routed_experts is not None else None
+            ),
         )
 
     def save(self, path: str | Path) -> None:
