@@ -9,8 +9,11 @@
 # (sgl_kernel, flashinfer); an NCCL all-reduce of a CUDA tensor; the initial model written; a
 # real SGLang server up on the GPU; `megatron-dapo train` (TE spec, bf16, NCCL) finishing its
 # steps against it; the server at the trainer's last weight version; the step-1 mismatch KL of
-# metrics.jsonl below DAPO_SMOKE_MAX_KL. Run from a writable directory: the run and the logs go
-# to runs/gpu-smoke/ there.
+# metrics.jsonl below DAPO_SMOKE_MAX_KL; then the same run colocated (rollout.placement=colocated:
+# an embedded server beside the trainer on GPU 0 with torch_memory_saver, releasing its KV cache
+# and weights while the trainer trains, weights synced as tensors over CUDA IPC) finishing its
+# steps with its step-1 KL below the bound (garbage weights after the resume would not). Run from
+# a writable directory: the runs and the logs go to runs/gpu-smoke/ there.
 #
 #   DAPO_SGLANG_PORT    30000   the server's port on 127.0.0.1
 #   DAPO_FLEET_TIMEOUT  600     seconds the server may take to start
@@ -99,7 +102,9 @@ with urllib.request.urlopen(os.environ["SMOKE_URL"] + "/model_info", timeout=30)
 if version != str(steps):
     sys.exit(f"weight version {version!r}, expected {steps} after {steps} steps")
 print(version)' "${overrides[@]}"
-check "step-1 mismatch KL below $SMOKE_MAX_KL" py '
+# step1_kl_below_bound [override ...]: the step-1 mismatch KL of the run's metrics.jsonl.
+step1_kl_below_bound() {
+  py '
 import json, os, sys
 from pathlib import Path
 from launch_env import config_from_argv
@@ -110,7 +115,19 @@ kl = next(r["rollout_mismatch_kl"] for r in records if r["step"] == 1)
 bound = float(os.environ["SMOKE_MAX_KL"])
 if not kl < bound:
     sys.exit(f"step-1 mismatch KL {kl:.3g} >= {bound:g}")
-print(kl)' "${overrides[@]}"
+print(kl)' "$@"
+}
+check "step-1 mismatch KL below $SMOKE_MAX_KL" step1_kl_below_bound "${overrides[@]}"
+
+# Colocated: the data plane starts its own server on the trainer's GPU (the one above is stopped).
+kill "$server" 2>/dev/null
+wait "$server" 2>/dev/null
+colocated=("$@" rollout.mode=embedded "rollout.server_urls=[]" rollout.placement=colocated
+  rollout.weight_sync=tensor "rollout.server_args=[--disable-cuda-graph]"
+  checkpoint.dir=runs/gpu-smoke/colocated/checkpoints metrics.run_name=gpu-smoke-colocated)
+check "colocated training steps finish (memory saver, tensor sync)" \
+  "$DAPO_PYTHON" -m megatron_dapo.cli train "$config" "${colocated[@]}" &&
+  check "colocated step-1 mismatch KL below $SMOKE_MAX_KL" step1_kl_below_bound "${colocated[@]}"
 
 if ((failures > 0)); then
   echo "$failures check(s) failed"

@@ -18,10 +18,10 @@ Colocated step, as verl and slime order it (SGLang 0.5.23 `/release_memory_occup
 
 `FleetColocation` makes those calls on the live workers with generation paused (SGLang
 releases memory only while idle) and remembers what each worker released, so it resumes
-exactly that: SGLang fails a resume of a tag it did not release. A released worker's weights
-are gone (torch_memory_saver frees them), so generation before a weight sync is an error, and
-failed workers are not re-admitted: a restarted server would hold its memory beside the
-trainer and not know it was released.
+exactly that: a resume of a tag a server did not release kills its scheduler (KeyError). A
+released worker's weights are gone (torch_memory_saver frees them), so generation before a
+weight sync is an error, and failed workers are not re-admitted: a restarted server would hold
+its memory beside the trainer and not know it was released.
 """
 
 from __future__ import annotations

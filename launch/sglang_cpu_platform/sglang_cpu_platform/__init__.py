@@ -11,7 +11,8 @@ declares `torch_native` attention usable with `--enable-deterministic-inference`
 backend attends each request separately, so its output does not depend on the batch, and the
 flag's per-request `sampling_seed` then makes sampling reproducible (exact resume needs it).
 Another general plugin keeps host buffers that SGLang pins for CUDA copies unpinned on CPU, so
-`--enable-return-routed-experts` (routing replay) starts.
+`--enable-return-routed-experts` (routing replay) starts. A third lets a CPU server answer
+`/release_memory_occupation` (colocated placement's call sequence, tested on CPU).
 """
 
 from __future__ import annotations
@@ -74,6 +75,28 @@ def unpinned_host_buffers() -> None:
         _no_host_register,
         HookType.REPLACE,
     )
+
+
+def cpu_memory_occupation() -> None:
+    """SGLang general-plugin hook: on CPU, `torch.cuda.synchronize` is a no-op.
+
+    `/release_memory_occupation` ends with `torch.get_device_module().synchronize()`, which is
+    `torch.cuda` whatever the device: without CUDA it raises "Found no NVIDIA driver" and the
+    scheduler dies. With no CUDA device there is no CUDA work to wait for, so the CPU server
+    then releases (with SGLang's no-op memory saver: it flushes the cache and frees nothing)
+    and resumes like a GPU server.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register("torch.cuda.synchronize", _no_cuda_work, HookType.REPLACE)
+
+
+def _no_cuda_work(*args: object, **kwargs: object) -> None:
+    """Replaces `torch.cuda.synchronize` on CPU: nothing to wait for."""
 
 
 def _no_host_register(*args: object, **kwargs: object) -> None:
