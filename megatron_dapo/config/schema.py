@@ -47,6 +47,7 @@ from pipeline.config import (
 )
 from pipeline.data_plane import DataPlaneConfig
 from pipeline.sglang_server import sample_token_budget
+from pipeline.train_batch import ExpertRouting
 
 EPS_HIGH_SCHEDULES = tuple(SCHEDULE_SHAPES)
 _LOSS_DEFAULTS = PolicyLossConfig()
@@ -214,6 +215,16 @@ class AlgorithmConfig(Section):
     """pi_old of the clipped ratio: `recompute` = a forward pass of the policy over the step's
     batch before its first update (verl, slime); `rollout` = the fleet's sampling log-probs."""
     rollout_correction: RolloutCorrectionConfig = RolloutCorrectionConfig()
+    routing_replay: Literal["none", "rollout"] = "none"
+    """MoE routing replay (R3): `rollout` = the fleet returns the experts its routers chose for
+    every token (SGLang `--enable-return-routed-experts`, added to embedded servers; start
+    cluster servers with it), the batch carries them, and the trainer's routers take those
+    experts (Megatron-Core `RouterReplay`) in the pi_old pass and in training, so both
+    policies compute every token with the same experts; the router's gate still gets
+    gradients through the replayed experts' weights. Memory: model.num_layers x
+    model.moe.router_topk bytes per token (uint8 ids; int16 above 256 experts, twice that) in
+    the batch and in carried groups, e.g. 48 layers x top-8 = 384 B/token. `none` = each
+    side routes by itself."""
     dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
 
     @model_validator(mode="before")
@@ -472,7 +483,15 @@ class RunConfig(Section):
             run_name=self.metrics.run_name,
             policy_dtype=self.model.params_dtype,
             trainer_local_ranks=self.launch.nproc_per_node,
+            routing=self.expert_routing(),
         )
+
+    def expert_routing(self) -> ExpertRouting | None:
+        """The routing the fleet returns with `algorithm.routing_replay: rollout`, else None."""
+        moe = self.model.moe
+        if self.algorithm.routing_replay == "none" or moe is None:
+            return None
+        return ExpertRouting(self.model.num_layers, moe.router_topk, moe.num_experts)
 
     @property
     def data_parallel_size(self) -> int:
@@ -517,6 +536,14 @@ class RunConfig(Section):
             raise ValueError(
                 f"parallelism.expert={par.expert} must divide model.moe.num_experts="
                 f"{model.moe.num_experts}"
+            )
+        if self.algorithm.routing_replay != "none" and (
+            model.moe is None or model.moe.load_balancing_type == "sinkhorn"
+        ):
+            raise ValueError(
+                f"algorithm.routing_replay={self.algorithm.routing_replay!r} replays top-k "
+                "routes: it needs an MoE model (model.moe) whose load_balancing_type is not "
+                "sinkhorn"
             )
         if model.moe is not None and par.tensor > 1 and not par.sequence_parallel:
             raise ValueError(

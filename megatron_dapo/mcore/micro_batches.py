@@ -23,7 +23,8 @@ bins are split, or empty micro-batches added, until the count fits.
 
 Targets are next tokens: position q of a sample predicts its token q + 1, so row position q
 carries `loss_mask`, `rollout_log_probs` of TrainBatch position q + 1 (see
-`pipeline.train_batch`).
+`pipeline.train_batch`); the routes (MoE routing replay) are those of position q itself, and
+padding is routed to experts 0..K-1.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.train_batch import TrainBatch
+from pipeline.train_batch import TrainBatch, unrouted
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class MicroBatch:
         loss_mask: bool, True where the target is a loss token.
         sequence_ids: int64 index of the position's sample within this micro-batch.
         samples: indices into the `TrainBatch` of the packed samples, in row order.
+        routed_experts: `[1, T, L, K]` uint8/int16 the fleet's experts of each input token at
+            each MoE layer (routing replay); None when the batch carries no routes.
     """
 
     tokens: torch.Tensor
@@ -67,6 +70,7 @@ class MicroBatch:
     loss_mask: torch.Tensor
     sequence_ids: torch.Tensor
     samples: tuple[int, ...]
+    routed_experts: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -248,4 +252,13 @@ def build_micro_batch(
         loss_mask=row(has_target & selected.loss_mask[next_index], False),
         sequence_ids=row(sample_of_token, 0),
         samples=tuple(samples),
+        routed_experts=_routes_row(selected.routed_experts, pad),
     )
+
+
+def _routes_row(routes: torch.Tensor | None, pad: int) -> torch.Tensor | None:
+    """`[N, L, K]` routes of the packed samples -> `[1, N + pad, L, K]`, padding routed to
+    experts 0..K-1; None stays None."""
+    if routes is None:
+        return None
+    return torch.cat([routes, unrouted(pad, routes)]).unsqueeze(0)

@@ -42,8 +42,10 @@ def transformer_config(
     model: ModelConfig,
     parallelism: ParallelismConfig,
     recompute: RecomputeConfig = NO_RECOMPUTE,
+    routing_replay: bool = False,
 ):
-    """The Megatron-Core `TransformerConfig` of the policy (returned type: TransformerConfig)."""
+    """The Megatron-Core `TransformerConfig` of the policy (returned type: TransformerConfig);
+    `routing_replay` gives every MoE router a `RouterReplay` (`algorithm.routing_replay`)."""
     from megatron.core.transformer import TransformerConfig
 
     dtype = _DTYPES[model.params_dtype]
@@ -65,6 +67,7 @@ def transformer_config(
             "moe_grouped_gemm": moe.grouped_gemm,
             "moe_router_dtype": "fp32",
             "moe_permute_fusion": False,
+            "moe_enable_routing_replay": routing_replay,
         }
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -142,8 +145,10 @@ def build_model_chunks(
     model: ModelConfig,
     parallelism: ParallelismConfig,
     recompute: RecomputeConfig = NO_RECOMPUTE,
+    routing_replay: bool = False,
 ) -> list:
-    """This rank's `GPTModel` chunks (one per virtual pipeline stage; one without VPP).
+    """This rank's `GPTModel` chunks (one per virtual pipeline stage; one without VPP); MoE
+    routers can replay given routes with `routing_replay` (`transformer_config`).
 
     Each chunk has `vp_stage` set and only the first/last stage owns the embedding/output
     layer. The forward of a last-stage chunk without labels returns logits
@@ -160,7 +165,7 @@ def build_model_chunks(
             f"model.vocab_size={model.vocab_size} must be a multiple of parallelism.tensor="
             f"{parallelism.tensor} (vocab-parallel embedding and output layer)"
         )
-    config = transformer_config(model, parallelism, recompute)
+    config = transformer_config(model, parallelism, recompute, routing_replay)
     spec = layer_spec(model)
     chunks = []
     for index in range(parallelism.virtual_pipeline or 1):

@@ -64,6 +64,7 @@ from megatron_dapo.mcore.micro_batches import (
 )
 from megatron_dapo.mcore.model import build_model_chunks
 from megatron_dapo.mcore.parallel import model_device
+from megatron_dapo.mcore.routing_replay import RoutingReplay
 from pipeline.train_batch import TrainBatch
 
 logger = logging.getLogger(__name__)
@@ -183,7 +184,10 @@ class PolicyTrainer:
 
         self.config = config
         par = config.parallelism
-        chunks = build_model_chunks(config.model, par, config.training.recompute)
+        self._routing = config.expert_routing()
+        chunks = build_model_chunks(
+            config.model, par, config.training.recompute, self._routing is not None
+        )
         if config.model.hf_checkpoint is not None:
             load_hf_checkpoint(chunks, config.model.hf_checkpoint)  # before the optimizer copies
         self.transformer_config = chunks[0].config
@@ -251,6 +255,11 @@ class PolicyTrainer:
             if moe is not None
             else None
         )
+        self._routing_replay = (
+            RoutingReplay(self.chunks, self.transformer_config.sequence_parallel)
+            if self._routing is not None
+            else None
+        )
 
     @property
     def models(self) -> list[torch.nn.Module]:
@@ -291,6 +300,8 @@ class PolicyTrainer:
 
     def _pack(self, batch: TrainBatch) -> PackedMiniBatch:
         """`batch` packed into this DP rank's micro-batches (the same plan on every rank)."""
+        if self._routing is not None:
+            self._routing.check(batch.routed_experts)
         par, training = self.config.parallelism, self.config.training
         sequence_parallel = self.transformer_config.sequence_parallel
         plan = plan_micro_batches(
@@ -315,7 +326,7 @@ class PolicyTrainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         micro_batches = mini_batch.micro_batches
-        return get_forward_backward_func()(
+        outputs = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=[iter(micro_batches) for _ in self.chunks],
             model=self.chunks,
@@ -324,6 +335,9 @@ class PolicyTrainer:
             micro_batch_size=1,
             forward_only=forward_only,
         )
+        if self._routing_replay is not None:
+            self._routing_replay.clear()
+        return outputs
 
     @torch.no_grad()
     def _recompute_old_log_probs(
@@ -449,14 +463,21 @@ class PolicyTrainer:
         )
 
     def _forward(self, micro_batch: MicroBatch, model: torch.nn.Module) -> torch.Tensor:
-        """Last stage: logits `[1, T, V / TP]` in the model's dtype; else the hidden states."""
+        """Last stage: logits `[1, T, V / TP]` in the model's dtype; else the hidden states.
+        With routing replay the MoE routers take the micro-batch's routes."""
         kwargs = {} if self.config.model.params_dtype == "float32" else {"fp32_output": False}
         if self.config.model.transformer_impl == "transformer_engine":
             kwargs["packed_seq_params"] = micro_batch.packed_seq_params()
             mask = None
         else:
             mask = micro_batch.attention_mask()
-        return model(micro_batch.tokens, micro_batch.position_ids, mask, **kwargs)
+        replay = self._routing_replay
+        if replay is not None:
+            replay.before_forward(model, micro_batch.routed_experts)
+        output = model(micro_batch.tokens, micro_batch.position_ids, mask, **kwargs)
+        if replay is not None:
+            replay.after_forward(model, output)
+        return output
 
     def _forward_step(
         self,
