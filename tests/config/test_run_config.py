@@ -233,9 +233,20 @@ def test_advantage_options_reach_the_data_plane() -> None:
         load_config(DEMO, ["algorithm.advantage.estimator=rloo"])
 
 
+def test_routing_replay_reaches_the_data_plane_as_the_models_routing() -> None:
+    assert load_config(DEMO).data_plane_config().routing is None
+    routing = load_config(DEMO, ["algorithm.routing_replay=rollout"]).data_plane_config().routing
+    assert (routing.num_layers, routing.topk, routing.num_experts) == (2, 2, 4)
+    assert routing.bytes_per_token == 4  # 2 layers x top-2 x uint8
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (
+            ["algorithm.routing_replay=rollout", "model.moe.load_balancing_type=sinkhorn"],
+            "algorithm.routing_replay='rollout' replays top-k routes: it needs an MoE model",
+        ),
         (["algorithm.kl_coef=0.1"], "a KL penalty needs a reference policy"),
         (["rollout.temperature=0"], "rollout.temperature=0.0 must be > 0"),
         (["algorithm.dual_clip_c=1.0"], "dual_clip_c must be finite and > 1, got 1.0"),

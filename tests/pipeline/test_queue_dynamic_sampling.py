@@ -54,9 +54,12 @@ class RowTokenizer:
 class ScriptedEngine:
     """Answers row r with `script[r]` (MIXED by default); rows in `gated` never finish."""
 
-    def __init__(self, script: dict[int, Sequence[str]], gated: Sequence[int] = ()) -> None:
+    def __init__(
+        self, script: dict[int, Sequence[str]], gated: Sequence[int] = (), routed: bool = False
+    ) -> None:
         self.script = script
         self.gated = set(gated)
+        self.routed = routed
         self.weight_version = 0
         self.calls: Counter[int] = Counter()
         self.cancelled = 0
@@ -81,7 +84,18 @@ class ScriptedEngine:
             server_weight_version=str(version),
             server_url="scripted",
             weight_version=version,
+            routed_experts=scripted_routes([*input_ids, *map(ord, text)][:-1])
+            if self.routed
+            else None,
         )
+
+
+def scripted_routes(tokens: Sequence[int]) -> torch.Tensor:
+    """`[len(tokens), 2, 2]` uint8 routes of 4 experts: token t to (t % 4, (t + 1) % 4) at
+    layer 0, the reverse at layer 1."""
+    first = torch.tensor(tokens) % 4
+    pair = torch.stack([first, (first + 1) % 4], dim=1)
+    return torch.stack([pair, pair.flip(1)], dim=1).to(torch.uint8)
 
 
 def queue_sample(queue: DynamicSamplingQueue, name: str, **labels: str) -> float | None:
@@ -270,6 +284,21 @@ def test_state_dict_resumes_the_prompt_position_and_carried_groups():
         return carried in rows, set(batch.group_ids.tolist()), drawn, stats.carried_in
 
     assert next_step(resumed) == next_step(original) == (True, {2, 3}, {4, 5}, 1)
+
+
+def test_routes_are_packed_with_their_tokens_and_carried_groups_keep_them():
+    queue = make_queue(ScriptedEngine({}, gated=[3], routed=True), num_groups=2, oversample=2.0)
+    batch, _ = asyncio.run(queue.next_batch(0))
+    last = batch.sample_offsets[1:] - 1
+    fleet_routed = torch.ones(batch.num_tokens, dtype=torch.bool)
+    fleet_routed[last] = False
+    expected = scripted_routes(batch.tokens.tolist())
+    assert torch.equal(batch.routed_experts[fleet_routed], expected[fleet_routed])
+    assert batch.routed_experts[last].tolist() == [[[0, 1], [0, 1]]] * batch.num_samples
+    (carried,) = pickle.loads(pickle.dumps(queue.state_dict()))["carried"]
+    assert all(g.routed_experts is not None for g in carried.generations)
+    plain, _ = asyncio.run(make_queue(ScriptedEngine({})).next_batch(0))
+    assert plain.routed_experts is None
 
 
 def test_too_many_generation_rounds_raise_a_clear_error():
