@@ -12,9 +12,11 @@
                       (resumed for the weight sync and the next generation)
              all      PolicyTrainer.train: pi_old recomputed by a forward pass over the batch
                       (`algorithm.old_log_probs`), then one optimizer step per mini-batch
-             all      gather the new weights (collective); rank 0 hands them to the fleet as
-                      version k + 1 (`rollout.weight_sync`: HF checkpoint on disk, broadcast
-                      group, or serialized tensors); metrics, progress and a summary line
+             all      sync: each pipeline stage's sending rank streams its weights in HF
+                      buckets (collective within the stage) while rank 0's data plane loads
+                      them on the fleet as version k + 1 (`rollout.weight_sync`: shards on
+                      disk, update groups, or tensors; `pipeline.weight_sync`); metrics,
+                      progress and a summary line
              all      every `checkpoint.save_interval` steps: a run checkpoint
                       (`run_checkpoint`: Megatron distributed checkpoint, RNG, queue state)
     end:     a run checkpoint; the fleet is stopped by PID.
@@ -26,7 +28,6 @@ Launched without torchrun on one node, the command re-executes itself under
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -41,8 +42,6 @@ from megatron_dapo.config.schema import RunConfig
 from pipeline.parent_death import exit_with_parent
 
 T = TypeVar("T")
-
-_WEIGHT_VERSIONS_KEPT = 2
 
 
 def relaunch_under_torchrun(config: RunConfig, argv: Sequence[str]) -> int:
@@ -137,7 +136,7 @@ def run(config: RunConfig) -> None:
     from prometheus_client import CollectorRegistry
 
     from megatron_dapo.ckpt.run_checkpoint import has_checkpoint, save_run_checkpoint
-    from megatron_dapo.hf.convert import export_hf_checkpoint, gather_hf_weights
+    from megatron_dapo.hf.convert import SyncRole, hf_model_type, stream_weights
     from megatron_dapo.mcore.cpu_patches import apply_cpu_patches
     from megatron_dapo.mcore.parallel import DistributedEnv, destroy_parallel, initialize_parallel
     from megatron_dapo.mcore.policy_step import PolicyTrainer
@@ -145,6 +144,7 @@ def run(config: RunConfig) -> None:
     from megatron_dapo.report.prometheus import TrainerMetricsExporter
     from megatron_dapo.report.step_report import StepReporter, run_summary, summarize_step
     from pipeline.data_plane import DataPlane
+    from pipeline.weight_sync import WeightSender, sender_address
 
     # torch deprecates collectives that Megatron-Core calls: not actionable in a run log
     warnings.filterwarnings("ignore", message=r".* is deprecated", module=r"torch\.distributed")
@@ -165,20 +165,22 @@ def run(config: RunConfig) -> None:
         return
     data_plane = reporter = inspector = None
 
+    rollout = config.rollout
+    store = dist.distributed_c10d._get_default_store()
+    role = SyncRole.of_rank()
+    sender = None
+    if role.sender:
+        address = sender_address(rollout.weight_sync_address, rollout.mode == "embedded")
+        sender = WeightSender(rollout.weight_sync, store, role.stage, run_dir, address)
+    model_type, bucket_bytes = hf_model_type(initial), rollout.weight_sync_bucket_mb * 2**20
+
     def sync_weights(version: int) -> None:
-        """Load the policy on the fleet as weight `version` (collective): through an HF
-        checkpoint on disk, or gathered on rank 0 and sent (`rollout.weight_sync`)."""
-        if config.rollout.weight_sync != "disk":
-            weights = gather_hf_weights(models, initial)
-            if data_plane is not None:
-                data_plane.push_weights(list(weights.items()), version)
-            return
-        path = run_dir / "weights" / f"v{version}"
-        export_hf_checkpoint(models, path, initial)
-        if data_plane is not None:
-            data_plane.update_weights(path, version)
-            stale = run_dir / "weights" / f"v{version - _WEIGHT_VERSIONS_KEPT}"
-            shutil.rmtree(stale, ignore_errors=True)
+        """Load the policy on the fleet as weight `version` (collective within each stage):
+        the stage senders stream while rank 0's data plane loads (`pipeline.weight_sync`)."""
+        pending = data_plane.start_weight_sync(version) if data_plane is not None else None
+        stream_weights(models, model_type, bucket_bytes, sender, version)
+        if pending is not None:
+            pending.result()
 
     def save(step: int) -> None:
         state = data_plane.state_dict() if data_plane is not None else None
@@ -194,7 +196,14 @@ def run(config: RunConfig) -> None:
             if config.metrics.prometheus:
                 port = exporter.serve(config.metrics.bind_address, config.metrics.port)
                 print(f"metrics: http://{config.metrics.bind_address}:{port}/metrics", flush=True)
-            data_plane = DataPlane(config.data_plane_config(), initial, run_dir, registry)
+            data_plane = DataPlane(
+                config.data_plane_config(),
+                initial,
+                run_dir,
+                registry,
+                store.clone(),
+                config.parallelism.pipeline,
+            )
             if resume is not None:
                 data_plane.load_state_dict(resume.pipeline_state)
             reporter = StepReporter(config, exporter, run_dir / "metrics.jsonl", first_step)

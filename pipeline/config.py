@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pipeline.sglang_server import GPU_PLACEMENT_FLAGS, MEMORY_FRACTION_FLAG, server_flag_value
 
+DEFAULT_BUCKET_MB = 512
+"""`rollout.weight_sync_bucket_mb` unless configured (slime's `--update-weight-buffer-size`)."""
+
 
 class Section(BaseModel):
     """Base of every config section: immutable, unknown keys are errors."""
@@ -71,10 +74,18 @@ class RolloutConfig(Section):
     sampling_seed: int = 0
     """Deterministic mode: the base of the per-response sampling seeds."""
     weight_sync: Literal["disk", "distributed", "tensor"] = "disk"
-    """How new weights reach the fleet: HF checkpoint on disk, NCCL/gloo broadcast, or tensors."""
+    """How new weights reach the fleet (`pipeline.weight_sync`), streamed in buckets from each
+    pipeline stage: HF checkpoint shards on disk, broadcast over an update group of every
+    server GPU (NCCL on GPU, gloo on CPU), or tensors by shared memory / CUDA IPC (servers on
+    the trainer's host)."""
+    weight_sync_bucket_mb: int = Field(DEFAULT_BUCKET_MB, ge=1)
+    """The bucket size of the weight sync, MiB: each stage's sending rank holds one bucket
+    buffer of this size (plus the parameter being converted) on the model's device, and each
+    server receives one bucket per call. 512 as slime's default: few calls per GB, and small
+    beside a GPU; the buffer is never larger than this even on a CPU host."""
     weight_sync_address: str | None = None
-    """`distributed`: the address the servers reach the trainer's rank 0 at for the broadcast
-    group's rendezvous; None = 127.0.0.1 in embedded mode, this host's FQDN in cluster mode."""
+    """`distributed`: the address the servers reach the stage senders at for the update
+    groups' rendezvous; None = 127.0.0.1 in embedded mode, each sender's FQDN in cluster mode."""
     placement: Literal["separate", "colocated"] = "separate"
     """Embedded servers' GPUs (`pipeline.colocation`): `separate` = GPUs no trainer rank of the
     node uses; `colocated` = the GPUs of the trainer's local ranks, shared: the servers release

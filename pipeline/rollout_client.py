@@ -14,10 +14,11 @@ weights (a restarted server holds the initial weights: the last disk update is r
 and re-admitted. A server whose weights cannot be brought up to date (they came by broadcast or
 tensors) stays out. While no server is live but some are being probed, `generate` waits.
 
-Weight updates run inside `paused()`: new generations wait, in-flight ones drain, then every
-live worker is updated and the client's `weight_version` advances; each response records the
-version that generated it. In router mode generation goes through `sglang-router`, while
-aborts and weight updates go to the workers directly (the router forwards neither).
+Weight updates run inside `weight_update()` (the revival lock, then `paused()`): new
+generations wait, in-flight ones drain, then every live worker is updated and the client's
+`weight_version` advances; each response records the version that generated it. In router
+mode generation goes through `sglang-router`, while aborts and weight updates go to the
+workers directly (the router forwards neither).
 """
 
 from __future__ import annotations
@@ -322,43 +323,54 @@ class RolloutClient:
                 self._updating = False
                 self._state.notify_all()
 
+    @asynccontextmanager
+    async def weight_update(self, weight_version: int) -> AsyncIterator[FleetUpdate]:
+        """Update the live workers' weights to `weight_version`, under the lock that guards
+        revival and with generation paused (`paused()`); `weight_version` is set when the block
+        ends without an error. The only way the fleet's weight version changes.
+
+        Raises:
+            NoLiveServer: no worker took the update (and none is being re-probed).
+        """
+        async with self._weights_lock, self.paused() as workers:
+            yield FleetUpdate(self, workers)
+            if not self.live_workers and not self._probes:
+                raise NoLiveServer(f"no rollout server took weight version {weight_version}")
+            self.weight_version = weight_version
+
     async def update_weights_from_disk(self, model_path: str, weight_version: int) -> None:
-        """Load the HF checkpoint at `model_path` on every live worker as `weight_version`
-        (workers that fail meanwhile are dropped; see `_update_live_workers`)."""
-        await self._update_live_workers(
-            lambda w: w.update_weights_from_disk(model_path, str(weight_version)), weight_version
-        )
-        self._disk_weights = (model_path, weight_version)
+        """Load the HF checkpoint at `model_path` on every live worker as `weight_version`.
 
-    async def update_weights_from_tensor(
-        self, serialized_named_tensors: bytes, weight_version: int
-    ) -> None:
-        """Load tensors from `serialize_named_tensors` on every live worker."""
-        await self._update_live_workers(
-            lambda w: w.update_weights_from_tensor(serialized_named_tensors, str(weight_version)),
-            weight_version,
-        )
-
-    async def _update_live_workers(
-        self, update: Callable[[SGLangServerClient], Awaitable[None]], weight_version: int
-    ) -> None:
-        """Run `update` on every live worker with generation paused, then set `weight_version`.
-
-        A worker that stops answering is dropped (and re-probed) as during generation. With
-        every worker down but some re-probed, only `weight_version` is set (a disk update is
-        then replayed on each worker that comes back).
+        A worker that stops answering is dropped (and re-probed) as during generation; the
+        load is replayed on each worker that comes back.
 
         Raises:
             NoLiveServer: no worker took the update.
             ServerRequestError: a worker rejected the update (e.g. a bad checkpoint path).
         """
-        async with self._weights_lock, self.paused() as workers:
-            outcomes = await asyncio.gather(*(update(w) for w in workers), return_exceptions=True)
-            for worker, outcome in zip(workers, outcomes, strict=True):
-                if isinstance(outcome, ServerUnavailable):
-                    self._mark_dead(worker, outcome)
-                elif isinstance(outcome, BaseException):
-                    raise outcome
-            if not self.live_workers and not self._probes:
-                raise NoLiveServer(f"no rollout server took weight version {weight_version}")
-            self.weight_version = weight_version
+        async with self.weight_update(weight_version) as update:
+            await update.each(lambda w: w.update_weights_from_disk(model_path, str(weight_version)))
+        self._disk_weights = (model_path, weight_version)
+
+
+class FleetUpdate:
+    """The workers of one `RolloutClient.weight_update` (`workers`, those live when it began)."""
+
+    def __init__(self, client: RolloutClient, workers: list[SGLangServerClient]) -> None:
+        self._client = client
+        self.workers = workers
+
+    async def each(self, call: Callable[[SGLangServerClient], Awaitable[None]]) -> None:
+        """Run `call` on every worker of the update still live, concurrently. A worker that
+        stops answering is dropped (and re-probed) as during generation.
+
+        Raises:
+            ServerRequestError: a worker rejected the call.
+        """
+        live = [w for w in self.workers if w.url not in self._client._dead]
+        outcomes = await asyncio.gather(*(call(w) for w in live), return_exceptions=True)
+        for worker, outcome in zip(live, outcomes, strict=True):
+            if isinstance(outcome, ServerUnavailable):
+                self._client._mark_dead(worker, outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome

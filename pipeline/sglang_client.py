@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import uuid
 from collections.abc import Sequence
@@ -210,6 +209,7 @@ class SGLangServerClient:
     metrics: FleetMetrics = field(default_factory=FleetMetrics)
     routing: ExpertRouting | None = None
     inflight: int = field(default=0, init=False)
+    _tp_size: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
@@ -415,6 +415,28 @@ class SGLangServerClient:
     async def destroy_weights_update_group(self, group_name: str) -> None:
         await self._checked("/destroy_weights_update_group", {"group_name": group_name})
 
+    async def tp_size(self) -> int:
+        """The server's tensor-parallel size (`/server_info`'s `tp_size`): its ranks in a weight
+        update group, and the copies of a tensor payload it reads (one per TP rank)."""
+        if self._tp_size is None:
+            info = await self._get("/server_info")
+            try:
+                self._tp_size = int(info["tp_size"])
+            except (KeyError, TypeError, ValueError) as error:
+                raise MalformedResponse(
+                    f"{self.url}/server_info has no tp_size ({error!r}): {str(info)[:200]!r}"
+                ) from error
+        return self._tp_size
+
+    async def begin_weight_update(self) -> None:
+        """Open a weight-update session; SGLang 0.5.23 takes `update_weights_from_distributed`
+        and `update_weights_from_tensor` calls only inside one."""
+        await self._checked("/begin_weight_update", {"selector": "all"})
+
+    async def end_weight_update(self) -> None:
+        """Close the session (the server finishes loading: post-processing of the weights)."""
+        await self._checked("/end_weight_update", {})
+
     async def update_weights_from_distributed(
         self,
         names: Sequence[str],
@@ -422,13 +444,13 @@ class SGLangServerClient:
         shapes: Sequence[Sequence[int]],
         group_name: str,
         weight_version: str,
+        load_format: str | None = None,
     ) -> None:
-        """Receive the named tensors broadcast by rank 0, one broadcast per tensor in order.
-
-        `dtypes` are torch dtype names (`"float32"`), `shapes` the tensor shapes. Wrapped in
-        `/begin_weight_update` / `/end_weight_update`, as SGLang 0.5.23 requires.
-        """
-        await self._in_update_session(
+        """Receive the named tensors broadcast by rank 0 of `group_name` and load them: one
+        broadcast per tensor in order, or with `load_format="flattened_bucket"` one broadcast of
+        all their bytes back to back. `dtypes` are torch dtype names (`"float32"`). Inside a
+        `begin_weight_update` session."""
+        await self._checked(
             "/update_weights_from_distributed",
             {
                 "names": list(names),
@@ -436,20 +458,26 @@ class SGLangServerClient:
                 "shapes": [list(s) for s in shapes],
                 "group_name": group_name,
                 "weight_version": weight_version,
+                "load_format": load_format,
             },
         )
 
     async def update_weights_from_tensor(
-        self, serialized_named_tensors: bytes, weight_version: str
+        self, serialized: bytes, weight_version: str, load_format: str | None = None
     ) -> None:
-        """Load tensors pickled by `serialize_named_tensors` (the server is one TP rank).
+        """Load tensors pickled by `pipeline.weight_sync.serialize_for_sglang` (named tensors, or
+        a flattened bucket with `load_format="flattened_bucket"`); every TP rank of the server
+        reads its own copy. Inside a `begin_weight_update` session.
 
-        The tensors are passed by shared memory: keep them alive until this returns.
+        The tensors are passed by shared memory (CUDA IPC on GPU): keep them alive until this
+        returns.
         """
-        await self._in_update_session(
+        encoded = base64.b64encode(serialized).decode()
+        await self._checked(
             "/update_weights_from_tensor",
             {
-                "serialized_named_tensors": [base64.b64encode(serialized_named_tensors).decode()],
+                "serialized_named_tensors": [encoded] * await self.tp_size(),
+                "load_format": load_format,
                 "weight_version": weight_version,
             },
         )
@@ -464,34 +492,10 @@ class SGLangServerClient:
         next weight update)."""
         await self._post("/resume_memory_occupation", {"tags": list(tags)})
 
-    async def _in_update_session(self, path: str, payload: dict[str, Any]) -> None:
-        await self._checked("/begin_weight_update", {"selector": "all"})
-        try:
-            await self._checked(path, payload)
-        finally:
-            await self._checked("/end_weight_update", {})
-
     async def _checked(self, path: str, payload: dict[str, Any]) -> None:
         body = await self._post(path, payload)
         if isinstance(body, dict) and body.get("success") is False:
             raise ServerRequestError(f"{self.url}{path}: {body.get('message')}")
-
-
-def serialize_named_tensors(named_tensors: Sequence[tuple[str, Any]]) -> bytes:
-    """Pickle (name, tensor) pairs the way SGLang's `MultiprocessingSerializer` reads them.
-
-    Tensor storage travels through shared memory; on CPU this needs torch's `file_system`
-    sharing strategy (with `file_descriptor` the server dies), which this call sets for the
-    process.
-    """
-    from multiprocessing.reduction import ForkingPickler
-
-    import torch.multiprocessing  # registers the tensor reductions with ForkingPickler
-
-    torch.multiprocessing.set_sharing_strategy("file_system")
-    buffer = io.BytesIO()
-    ForkingPickler(buffer).dump(list(named_tensors))
-    return buffer.getvalue()
 
 
 def _decode(text: str) -> Any:

@@ -51,7 +51,14 @@ ALLOWED: dict[str, Rule] = {
             "pipeline.train_batch",
         )
     ),
-    "megatron_dapo.hf": Rule(project=("megatron_dapo.config", "pipeline.tokenizer")),
+    "megatron_dapo.hf": Rule(
+        project=(
+            "megatron_dapo.config",
+            "pipeline.config",
+            "pipeline.tokenizer",
+            "pipeline.weight_sync",
+        )
+    ),
     "megatron_dapo.ckpt": Rule(project=("megatron_dapo.config", "megatron_dapo.mcore")),
     "megatron_dapo.report": Rule(
         project=("megatron_dapo.config", "megatron_dapo.mcore", "pipeline"),

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from megatron_dapo.hf.convert import hf_state_dict
 from tests.e2e.train_runs import failure_excerpt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,6 +62,6 @@ def test_smollm2_trains_on_its_own_samples(smollm2_checkpoint: Path, tmp_path: P
     assert "mismatch KL" in result.stdout
     # the update the fleet received in between was real
     initial = load_file(smollm2_checkpoint / "model.safetensors")
-    updated = load_file(tmp_path / "weights" / f"v{STEPS}" / "model.safetensors")
+    updated = hf_state_dict(tmp_path / "weights" / f"v{STEPS}")
     moved = max((updated[name] - tensor).abs().max().item() for name, tensor in initial.items())
     assert moved > 1e-5

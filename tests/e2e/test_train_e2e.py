@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from megatron_dapo.hf.convert import hf_state_dict
 from pipeline.sglang_server import free_port
 from tests.e2e.prometheus_server import PrometheusServer
 from tests.e2e.train_runs import failure_excerpt, processes_mentioning
@@ -79,7 +80,7 @@ def test_two_rank_training_run_with_a_real_fleet(tmp_path: Path) -> None:
 
     run_dir = tmp_path / "runs" / "demo-cpu"
     initial = load_file(run_dir / "initial-model" / "model.safetensors")
-    trained = load_file(run_dir / "weights" / f"v{STEPS}" / "model.safetensors")
+    trained = hf_state_dict(run_dir / "weights" / f"v{STEPS}")
     assert initial.keys() == trained.keys()
     assert any(not initial[k].equal(trained[k]) for k in initial), "the policy did not change"
     assert (run_dir / "checkpoints" / f"step{STEPS}").is_dir()

@@ -15,17 +15,13 @@ from typing import TypeVar
 import aiohttp
 import pytest
 import torch
+import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.rollout_client import RolloutClient
-from pipeline.sglang_client import (
-    Generation,
-    SamplingParams,
-    SGLangServerClient,
-    serialize_named_tensors,
-)
+from pipeline.sglang_client import Generation, SamplingParams, SGLangServerClient
 from pipeline.sglang_server import free_port
-from pipeline.weight_broadcast import WeightBroadcaster
+from pipeline.weight_sync import WeightSender, WeightSync, pack_buckets
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
@@ -156,39 +152,32 @@ def named_parameters(model_dir: Path) -> list[tuple[str, torch.Tensor]]:
     return [(name, p.detach().clone()) for name, p in model.state_dict().items()]
 
 
-def test_update_weights_from_distributed_over_gloo(tiny_models, live_urls, assert_matches_policy):
+@pytest.mark.parametrize("mode", ["distributed", "tensor"])
+def test_streamed_weight_sync_loads_each_version(
+    mode, tiny_models, live_urls, assert_matches_policy, tmp_path
+):
+    """A one-stage trainer stand-in streams a policy in 4 KiB buckets (`WeightSender` in a
+    thread, the store a local `TCPStore`) while `WeightSync` loads them on both servers (the
+    distributed update group: 1 + 2 ranks)."""
     prompt = prompt_ids(tiny_models.base)
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
 
     async def body(client: RolloutClient) -> tuple[list[Generation], list[Generation]]:
-        broadcaster = WeightBroadcaster(client, "127.0.0.1", free_port(), timeout_s=60.0)
-        await broadcaster.connect()
-        await broadcaster.push(named_parameters(tiny_models.other), weight_version=3)
-        pushed = await greedy(client, prompt)
-        assert client.weight_version == 3
-        await broadcaster.push(named_parameters(tiny_models.base), weight_version=4)
-        restored = await greedy(client, prompt)
-        await broadcaster.close()
-        return pushed, restored
+        sync = WeightSync(mode, client, store.clone(), 1, tmp_path, tiny_models.base)
+        sender = WeightSender(mode, store, stage=0, run_dir=tmp_path)
+        results = []
+        for version, model in ((5, tiny_models.other), (6, tiny_models.base)):
+            buckets = pack_buckets(named_parameters(model), 4096)
+            await asyncio.gather(
+                sync.sync(version), asyncio.to_thread(sender.send, version, buckets)
+            )
+            assert client.weight_version == version
+            results.append(await greedy(client, prompt))
+        await sync.close()
+        return results[0], results[1]
 
     pushed, restored = run_with_client(live_urls, body)
     for new, back in zip(pushed, restored, strict=True):
         assert_matches_policy(tiny_models.other, prompt, new)
         assert_matches_policy(tiny_models.base, prompt, back)
-        assert (new.server_weight_version, back.server_weight_version) == ("3", "4")
-
-
-def test_update_weights_from_tensor(tiny_models, live_urls, assert_matches_policy):
-    prompt = prompt_ids(tiny_models.base)
-
-    async def body(client: RolloutClient) -> tuple[list[Generation], list[Generation]]:
-        other = named_parameters(tiny_models.other)
-        await client.update_weights_from_tensor(serialize_named_tensors(other), weight_version=5)
-        pushed = await greedy(client, prompt)
-        base = named_parameters(tiny_models.base)
-        await client.update_weights_from_tensor(serialize_named_tensors(base), weight_version=6)
-        return pushed, await greedy(client, prompt)
-
-    pushed, restored = run_with_client(live_urls, body)
-    for new, back in zip(pushed, restored, strict=True):
-        assert_matches_policy(tiny_models.other, prompt, new)
-        assert_matches_policy(tiny_models.base, prompt, back)
+        assert (new.server_weight_version, back.server_weight_version) == ("5", "6")

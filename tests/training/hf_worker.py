@@ -18,12 +18,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from megatron_dapo.config.hf_architecture import model_fields_from_hf
 from megatron_dapo.config.schema import ModelConfig, ParallelismConfig
-from megatron_dapo.hf.convert import export_hf_checkpoint, load_hf_checkpoint
+from megatron_dapo.hf.convert import export_hf_checkpoint, hf_state_dict, load_hf_checkpoint
 from megatron_dapo.mcore.logprobs import vocab_parallel_log_probs
 from megatron_dapo.mcore.model import build_model_chunks
 
@@ -145,7 +144,7 @@ def _two_stage_log_probs(chunk, tokens: torch.Tensor) -> torch.Tensor:
 
 def export_mismatch(source: Path, exported: Path) -> float:
     """inf if the key sets differ, else the max abs difference over all tensors."""
-    a, b = load_file(source / "model.safetensors"), load_file(exported / "model.safetensors")
+    a, b = hf_state_dict(source), hf_state_dict(exported)
     if set(a) != set(b):
         return float("inf")
     return max((a[k] - b[k]).abs().max().item() for k in a)
