@@ -5,18 +5,19 @@ One step (`next_batch`) needs `num_groups` kept groups of G responses each:
 
 1. Carried groups (kept earlier but beyond an earlier batch) are reused if fresh enough:
    `policy_version - weight_version <= max_staleness`, else dropped and counted as stale.
-2. Generation rounds: each round draws `ceil(missing * oversample_factor / keep_rate)` prompts
-   (`keep_rate` = kept / generated groups so far, (kept + 1) / (generated + 1), at least
-   `min_keep_rate`; 1 with `adapt_to_keep_rate` off), generates
-   their groups concurrently, scores each finished group (correctness reward from the reward
-   scorer, plus the soft overlong punishment), and keeps it unless all G responses are correct
-   or all wrong. When the batch is full, groups whose responses are all in are still scored
-   and, if kept, carried to the next step; groups still generating are cancelled (their
-   requests aborted on the servers) and counted. More than `max_generation_rounds` rounds in
-   one step raise `GenerationRoundsExceeded`. A response whose reward call times out or whose
-   reward function raises is scored as wrong and counted (`StepStats`, `QueueMetrics`, a log
-   warning); when every response scored in a step failed so (checked after each round), the
-   reward function is broken and `RewardFunctionFailing` is raised.
+2. Generation rounds: each round draws `ceil((missing + z * sqrt(missing * (1 - p))) / p)`
+   prompts, `p` the keep rate estimated online from the past steps' groups and `z` a margin
+   for the binomial spread of the kept count (`pipeline.oversampling`: the estimator, its
+   prior and decay, and the fixed-factor modes), generates their groups concurrently, scores
+   each finished group (correctness reward from the reward scorer, plus the soft overlong
+   punishment), and keeps it unless all G responses are correct or all wrong. When the batch
+   is full, groups whose responses are all in are still scored and, if kept, carried to the
+   next step; groups still generating are cancelled (their requests aborted on the servers)
+   and counted. More than `max_generation_rounds` rounds in one step raise
+   `GenerationRoundsExceeded`. A response whose reward call times out or whose reward function
+   raises is scored as wrong and counted (`StepStats`, `QueueMetrics`, a log warning); when
+   every response scored in a step failed so (checked after each round), the reward function
+   is broken and `RewardFunctionFailing` is raised.
 3. The batch is packed into a `TrainBatch`, with the advantages of the configured estimator
    (`pipeline.advantages`) and, with overlong filtering, no loss on truncated responses
    (`overlong_keep_mask`).
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import secrets
 import time
 from collections import deque
@@ -49,6 +49,7 @@ from pipeline.overlong import (
     overlong_keep_mask,
     soft_overlong_punishment,
 )
+from pipeline.oversampling import KeepRateEstimator
 from pipeline.prompts import Prompt, PromptSource
 from pipeline.rewards.base import RewardResult, RewardScorer
 from pipeline.rollout_client import RolloutEngine
@@ -202,8 +203,8 @@ class DynamicSamplingQueue:
     _next_group_id: int = field(default=0, init=False)
     _issued_groups: int = field(default=0, init=False)
     """Groups ever sent for generation; a group's index seeds its responses (deterministic)."""
-    _lifetime_generated: int = field(default=0, init=False)
-    _lifetime_kept: int = field(default=0, init=False)
+    _keep_rate: KeepRateEstimator = field(init=False)
+    """The keep-rate estimate that sizes each round."""
     _last_reward_error: str | None = field(default=None, init=False)
     params: SamplingParams = field(init=False)
     """Sampling parameters of every request, from `rollout`."""
@@ -226,6 +227,7 @@ class DynamicSamplingQueue:
             stop_token_ids=self.stop_token_ids,
             stop=self.rollout.stop,
         )
+        self._keep_rate = KeepRateEstimator(self.sampling)
 
     @property
     def depth(self) -> int:
@@ -247,6 +249,7 @@ class DynamicSamplingQueue:
         stats.merge(await self._fill(self.num_groups, stats.generation_rounds))
         groups = [self._ready.popleft() for _ in range(self.num_groups)]
         stats.carried_out = len(self._ready)
+        self._keep_rate.end_step()
         self._record(stats, groups, policy_version)
         return self._pack(groups), stats
 
@@ -265,7 +268,7 @@ class DynamicSamplingQueue:
 
     def state_dict(self) -> dict[str, Any]:
         """What a restart needs: the prompt position, the carried groups (picklable objects;
-        save with `torch.save` / `pickle`), the group-id counter and the keep-rate counts.
+        save with `torch.save` / `pickle`), the group-id counter and the keep-rate estimate.
 
         Raises RuntimeError while a prefetch is running (checkpoint between steps).
         """
@@ -276,8 +279,7 @@ class DynamicSamplingQueue:
             "carried": list(self._ready),
             "next_group_id": self._next_group_id,
             "issued_groups": self._issued_groups,
-            "lifetime_generated": self._lifetime_generated,
-            "lifetime_kept": self._lifetime_kept,
+            "keep_rate": self._keep_rate.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -285,8 +287,7 @@ class DynamicSamplingQueue:
         self._ready = deque(state["carried"])
         self._next_group_id = state["next_group_id"]
         self._issued_groups = state["issued_groups"]
-        self._lifetime_generated = state["lifetime_generated"]
-        self._lifetime_kept = state["lifetime_kept"]
+        self._keep_rate.load_state_dict(state["keep_rate"])
 
     def _evict_stale(self, policy_version: int) -> int:
         fresh = [
@@ -308,7 +309,7 @@ class DynamicSamplingQueue:
                     raise GenerationRoundsExceeded(self._rounds_message(target, stats))
                 stats.generation_rounds += 1
                 missing = target - len(self._ready)
-                count = math.ceil(missing * self._prompts_per_missing_group())
+                count = self._keep_rate.prompts_for(missing)
                 skipped_before = self.prompts.num_skipped
                 prompts = self.prompts.next_prompts(count)
                 stats.skipped_prompts += self.prompts.num_skipped - skipped_before
@@ -324,14 +325,6 @@ class DynamicSamplingQueue:
             stats.generation_seconds = time.monotonic() - begin
         return stats
 
-    def _prompts_per_missing_group(self) -> float:
-        if not self.sampling.enabled:
-            return 1.0
-        if not self.sampling.adapt_to_keep_rate:
-            return self.sampling.oversample_factor
-        keep_rate = (self._lifetime_kept + 1) / (self._lifetime_generated + 1)
-        return self.sampling.oversample_factor / max(keep_rate, self.sampling.min_keep_rate)
-
     def _rounds_message(self, target: int, stats: StepStats) -> str:
         return (
             f"dynamic sampling could not fill {target} groups in "
@@ -339,7 +332,7 @@ class DynamicSamplingQueue:
             f"{stats.dropped_all_correct} dropped as all correct, {stats.dropped_all_wrong} as "
             f"all wrong ({stats.reward_timeouts} reward timeouts, {stats.reward_errors} reward "
             f"errors). The prompts are too easy or too hard for the policy; raise "
-            f"dynamic_sampling.max_generation_rounds or oversample_factor, or check the reward."
+            f"dynamic_sampling.max_generation_rounds or lower min_keep_rate, or check the reward."
         )
 
     async def _round(self, prompts: list[Prompt], target: int, stats: StepStats) -> None:
@@ -473,15 +466,14 @@ class DynamicSamplingQueue:
         stats.reward_timeouts += group.reward_timeouts
         stats.reward_errors += group.reward_errors
         stats.reward_seconds += group.scoring_seconds
-        self._lifetime_generated += 1
         if self.sampling.enabled:
             verdict = filter_groups([group.correct])
             stats.dropped_all_correct += verdict.num_all_correct
             stats.dropped_all_wrong += verdict.num_all_wrong
+            self._keep_rate.observe(kept=bool(verdict.num_kept))
             if not verdict.num_kept:
                 return
         stats.kept += 1
-        self._lifetime_kept += 1
         self._ready.append(group)
 
     def _record(self, stats: StepStats, groups: list[ScoredGroup], policy_version: int) -> None:

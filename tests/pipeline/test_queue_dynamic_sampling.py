@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import math
 import pickle
 from collections import Counter
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from pipeline.dynamic_sampling import (
     RewardFunctionFailing,
 )
 from pipeline.metrics import QueueMetrics
+from pipeline.oversampling import MARGIN_SIGMAS, KeepRateEstimator
 from pipeline.prompts import PromptRow, PromptSource
 from pipeline.rewards import ProcessPoolScorer
 from pipeline.rewards.base import FunctionScorer, RewardResult, RewardScorer
@@ -261,10 +263,64 @@ def test_prompts_per_round_adapt_to_the_observed_keep_rate():
     engine = ScriptedEngine({0: WRONG, 1: RIGHT, 2: WRONG}, gated=range(6, 100))
     queue = make_queue(engine, num_groups=2, adapt=True)
     _, stats = asyncio.run(queue.next_batch(0))
-    # Round 1: 2 prompts, none kept -> keep rate (0 + 1) / (2 + 1) -> round 2 asks 2 * 3 = 6.
+    # Round 1: 2 prompts, none kept -> keep rate p = (0 + 1) / (2 + 1) -> round 2 asks
+    # ceil((2 + 1.28 * sqrt(2 * (1 - p))) / p) = 11 (rows 2-12).
     assert stats.generation_rounds == 2
-    assert sorted(engine.calls) == list(range(8))
-    assert (stats.kept, stats.aborted, stats.dropped_all_wrong) == (3, 2, 2)
+    assert sorted(engine.calls) == list(range(13))
+    assert (stats.kept, stats.aborted, stats.dropped_all_wrong) == (3, 7, 2)
+
+
+def mixed_at_rate(p: float, rows: range) -> dict[int, Sequence[str]]:
+    """Rows mixed at the exact rate `p` (row r iff floor((r + 1) p) > floor(r p)), else wrong."""
+    return {r: MIXED if int((r + 1) * p) > int(r * p) else WRONG for r in rows}
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.7, 0.9])
+def test_round_size_is_the_keep_rate_plus_a_binomial_margin_not_a_fixed_factor(p: float):
+    estimator = KeepRateEstimator(DynamicSamplingConfig(oversample_factor=1.2))
+    for script in mixed_at_rate(p, range(1000)).values():
+        estimator.observe(kept=script is MIXED)
+    p_hat = estimator.keep_rate
+    assert p_hat == pytest.approx(p, abs=0.01)
+    size = estimator.prompts_for(32)
+    assert size == math.ceil((32 + MARGIN_SIGMAS * math.sqrt(32 * (1 - p_hat))) / p_hat)
+    # The expected surplus is the margin (~1.8 kept groups at p = 0.9, 6.9 at 0.1), where the
+    # old `oversample_factor / p` asked for 20% more whatever p (45 prompts at p = 0.9).
+    surplus = size * p - 32
+    assert surplus <= MARGIN_SIGMAS * math.sqrt(32 * (1 - p)) + p + 0.5
+    # ... and at low keep rates it asks at least as many as before (rounds do not grow).
+    if p <= 0.1:
+        assert size >= math.ceil(32 * 1.2 / p_hat)
+
+
+def test_the_keep_rate_estimate_follows_a_drift_and_resumes_exactly():
+    engine = ScriptedEngine(mixed_at_rate(0.1, range(100)))
+    queue = make_queue(engine, num_groups=2, adapt=True, max_rounds=100)
+    for _ in range(5):
+        asyncio.run(queue.next_batch(0))
+
+    def keep_rate(q: DynamicSamplingQueue) -> float:
+        return KeepRateEstimator(q.sampling, **q.state_dict()["keep_rate"]).keep_rate
+
+    assert keep_rate(queue) < 0.2
+    engine.script = dict.fromkeys(range(100), MIXED)  # the policy got better: all rows mixed
+    asyncio.run(queue.next_batch(0))
+    low = keep_rate(queue)
+    for _ in range(10):
+        asyncio.run(queue.next_batch(0))
+    # Lifetime counts would still say ~0.2 (about 120 groups at 0.1, 25 at 1.0).
+    assert keep_rate(queue) > 0.5 > low, "the decayed counts forget the old keep rate"
+
+    state = pickle.loads(pickle.dumps(queue.state_dict()))
+    resumed = make_queue(ScriptedEngine(engine.script), num_groups=2, adapt=True)
+    resumed.load_state_dict(state)
+    drawn = [sum(q.engine.calls.values()) for q in (queue, resumed)]
+    for q in (queue, resumed):
+        for _ in range(3):
+            asyncio.run(q.next_batch(0))
+    after = [sum(q.engine.calls.values()) for q in (queue, resumed)]
+    assert after[0] - drawn[0] == after[1] - drawn[1] > 0
+    assert queue.state_dict()["keep_rate"] == resumed.state_dict()["keep_rate"]
 
 
 def test_state_dict_resumes_the_prompt_position_and_carried_groups():

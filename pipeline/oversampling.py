@@ -1,0 +1,84 @@
+"""How many prompts a dynamic-sampling round requests: an online keep-rate estimate plus a
+binomial margin.
+
+A round that misses `m` kept groups draws
+
+    N = ceil((m + z * sqrt(m * (1 - p))) / p),    z = `MARGIN_SIGMAS`
+
+prompts, where `p` is the estimated keep rate (fraction of generated groups kept), so that
+Binomial(N, p) >= m with probability about Phi(z) (90%): one round usually fills the batch, and
+the expected surplus, z * sqrt(m * (1 - p)) kept groups, shrinks as `p` nears 1 (a fixed
+over-sampling factor f instead adds (f - 1) * m whatever `p`). The surplus is what the queue
+carries to the next step or aborts in flight when the batch is full: the samples generated
+beyond `1 / p` per kept one.
+
+The estimate, `p = max((kept + p0) / (generated + 1), min_keep_rate)`, counts groups with weights
+that decay by `STEP_DECAY` at every step (a memory of about `1 / (1 - STEP_DECAY)` steps, so it
+follows a policy whose keep rate drifts), and starts from the prior `p0 = 1 / oversample_factor`
+worth one group: the first round of a run is sized as if the keep rate were `p0`.
+
+With `adapt_to_keep_rate` off a round draws `ceil(m * oversample_factor)` prompts; with dynamic
+sampling off, `m`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import DynamicSamplingConfig
+
+MARGIN_SIGMAS = 1.28
+"""`z` of the margin: a round fills its missing groups with probability ~90% (normal approx.)."""
+
+STEP_DECAY = 0.8
+"""Weight of the past groups' counts after each step (a memory of ~5 steps)."""
+
+
+@dataclass
+class KeepRateEstimator:
+    """Decayed counts of generated and kept groups, and the prompts a round requests.
+
+    Args:
+        config: the dynamic-sampling switches (`oversample_factor` gives the prior).
+    """
+
+    config: DynamicSamplingConfig
+    generated: float = 0.0
+    """Generated groups, each weighted `STEP_DECAY ** (steps since)`."""
+    kept: float = 0.0
+    """Kept groups, weighted alike."""
+
+    @property
+    def keep_rate(self) -> float:
+        """The estimated fraction of generated groups kept (at least `min_keep_rate`)."""
+        prior = 1.0 / self.config.oversample_factor
+        estimate = (self.kept + prior) / (self.generated + 1.0)
+        return max(estimate, self.config.min_keep_rate)
+
+    def observe(self, kept: bool) -> None:
+        """Count one generated group, kept or dropped by the group filter."""
+        self.generated += 1.0
+        self.kept += float(kept)
+
+    def end_step(self) -> None:
+        """Decay the counts by `STEP_DECAY` (call once per step)."""
+        self.generated *= STEP_DECAY
+        self.kept *= STEP_DECAY
+
+    def prompts_for(self, missing: int) -> int:
+        """Prompts to draw for a round that misses `missing` kept groups (module docstring)."""
+        if not self.config.enabled:
+            return missing
+        if not self.config.adapt_to_keep_rate:
+            return math.ceil(missing * self.config.oversample_factor)
+        p = self.keep_rate
+        return math.ceil((missing + MARGIN_SIGMAS * math.sqrt(missing * (1.0 - p))) / p)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"generated": self.generated, "kept": self.kept}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generated = float(state["generated"])
+        self.kept = float(state["kept"])
