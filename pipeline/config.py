@@ -209,10 +209,10 @@ class DynamicSamplingConfig(Section):
     max_generation_rounds: int = Field(10, ge=1)
     """Raise a clear error when a step needs more generation rounds than this."""
     oversample_factor: float = Field(1.0, ge=1.0)
-    """Prompts requested per round = missing groups x this factor."""
+    """With `adapt_to_keep_rate`: 1 / the prior keep rate (sizes a run's first round); without:
+    prompts requested per round = missing groups x this factor."""
     adapt_to_keep_rate: bool = True
-    """Also divide the prompts requested per round by the observed fraction of groups kept
-    (at least `min_keep_rate`), so hard or easy prompt sets need few rounds."""
+    """Size each round by the keep rate estimated online plus a binomial margin
+    (`pipeline.oversampling`), so hard or easy prompt sets need few rounds."""
     min_keep_rate: float = Field(0.05, gt=0.0, le=1.0)
-    """Floor of the observed keep rate: at most oversample_factor / min_keep_rate prompts per
-    missing group."""
+    """Floor of the estimated keep rate."""
