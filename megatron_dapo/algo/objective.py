@@ -8,8 +8,11 @@ policy loss named by `config.policy_loss`, times the detached truncated importan
 the trainer/rollout mismatch when `config.rollout_correction` is not `none`
 (`rollout_correction`), minus `entropy_coef` times the token entropy, reduced by
 `config.loss_aggregation` with the GLOBAL normalisers of the optimizer step
-(`aggregation.LossNormalizers`). Summing the shares of every micro-batch on every data-parallel
-rank gives the mini-batch loss and its gradient however the batch was split.
+(`aggregation.LossNormalizers`); with `kl_coef > 0` plus `kl_coef` times the per-token KL to the
+reference policy (`kl.KL_ESTIMATORS[config.kl_estimator]`) reduced by the same aggregation and
+normalisers (not importance-weighted), as verl adds `kl_loss_coef * agg_loss(kld)`. Summing the
+shares of every micro-batch on every data-parallel rank gives the mini-batch loss and its
+gradient however the batch was split. With `kl_coef == 0` the KL is never computed.
 
 `stats` are the objective's statistics as sums over the micro-batch's loss tokens
 (`ObjectiveStats`): micro-batches are combined with `+`, ranks by all-reducing
@@ -27,7 +30,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from megatron_dapo.algo.aggregation import LossNormalizers, get_loss_aggregation
-from megatron_dapo.algo.kl import k3_estimator
+from megatron_dapo.algo.kl import get_kl_estimator, k3_estimator
 from megatron_dapo.algo.policy_loss import PolicyLossConfig, get_policy_loss
 from megatron_dapo.algo.rollout_correction import CORRECTION_MODES, importance_weights
 
@@ -43,6 +46,9 @@ class ObjectiveConfig:
         entropy_coef: weight of the entropy bonus (>= 0; 0 = none, DAPO's choice).
         rollout_correction: truncated importance sampling mode (`CORRECTION_MODES`).
         correction_threshold: its truncation C (> 0).
+        kl_coef: weight of the KL penalty to the reference policy (>= 0; 0 = none, DAPO's
+            choice).
+        kl_estimator: registered per-token KL estimator (`kl.KL_ESTIMATORS`).
     """
 
     policy_loss: str
@@ -51,12 +57,17 @@ class ObjectiveConfig:
     entropy_coef: float = 0.0
     rollout_correction: str = "none"
     correction_threshold: float = 2.0
+    kl_coef: float = 0.0
+    kl_estimator: str = "low_var_kl"
 
     def __post_init__(self) -> None:
         get_policy_loss(self.policy_loss)  # ValueError listing the valid names
         get_loss_aggregation(self.loss_aggregation)
-        if not self.entropy_coef >= 0.0:
-            raise ValueError(f"ObjectiveConfig.entropy_coef must be >= 0, got {self.entropy_coef}")
+        get_kl_estimator(self.kl_estimator)
+        for name in ("entropy_coef", "kl_coef"):
+            value = getattr(self, name)
+            if not value >= 0.0:
+                raise ValueError(f"ObjectiveConfig.{name} must be >= 0, got {value}")
         if self.rollout_correction not in CORRECTION_MODES:
             raise ValueError(
                 f"ObjectiveConfig.rollout_correction must be one of {CORRECTION_MODES}, got "
@@ -78,6 +89,8 @@ class ObjectiveStats:
         dual_clipped: loss tokens with A < 0 capped by the dual clip.
         entropy: summed policy entropy of the loss tokens (nats).
         approx_kl: summed k3 estimate of KL(pi_old || pi_theta) of the loss tokens (nats).
+        reference_kl: summed estimate (`ObjectiveConfig.kl_estimator`) of KL(pi_theta || pi_ref)
+            of the loss tokens (nats); 0 without a KL penalty (`kl_coef == 0`).
     """
 
     loss: torch.Tensor
@@ -87,6 +100,7 @@ class ObjectiveStats:
     dual_clipped: torch.Tensor
     entropy: torch.Tensor
     approx_kl: torch.Tensor
+    reference_kl: torch.Tensor
 
     def _values(self) -> list[torch.Tensor]:
         return [getattr(self, field.name) for field in fields(self)]
@@ -131,6 +145,10 @@ class ObjectiveStats:
         """Mean k3 estimate of KL(pi_old || pi_theta) per loss token (nats)."""
         return self._per_token(self.approx_kl)
 
+    def mean_reference_kl(self) -> float:
+        """Mean estimate of KL(pi_theta || pi_ref) per loss token (nats)."""
+        return self._per_token(self.reference_kl)
+
 
 def policy_objective(
     log_probs: torch.Tensor,
@@ -142,6 +160,7 @@ def policy_objective(
     normalizers: LossNormalizers,
     config: ObjectiveConfig,
     rollout_log_probs: torch.Tensor | None = None,
+    ref_log_probs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ObjectiveStats]:
     """One micro-batch's share of the global objective, and its statistics.
 
@@ -156,9 +175,12 @@ def policy_objective(
         config: the objective of this optimizer step.
         rollout_log_probs: log pi_rollout of the same tokens (nats); needed unless
             `config.rollout_correction` is `none`.
+        ref_log_probs: log pi_ref of the same tokens (nats), the frozen reference policy's;
+            needed if `config.kl_coef > 0`, ignored otherwise.
 
     Returns:
-        share: 0-dim loss share (advantage units), differentiable w.r.t. `log_probs`.
+        share: 0-dim loss share (advantage units, plus `kl_coef` x nats), differentiable
+            w.r.t. `log_probs`.
         stats: the micro-batch's `ObjectiveStats`.
     """
     policy = get_policy_loss(config.policy_loss)(
@@ -182,12 +204,21 @@ def policy_objective(
         token_loss = token_loss * weights
     if config.entropy_coef > 0:
         token_loss = token_loss - config.entropy_coef * torch.where(mask, entropy, 0)
-    share = get_loss_aggregation(config.loss_aggregation)(
-        token_loss, mask, sequence_ids, normalizers
-    )
+    aggregate = get_loss_aggregation(config.loss_aggregation)
+    share = aggregate(token_loss, mask, sequence_ids, normalizers)
 
     def masked_sum(values: torch.Tensor) -> torch.Tensor:
         return torch.where(mask, values.detach(), 0).sum(dtype=torch.float64)
+
+    reference_kl = log_probs.new_zeros((), dtype=torch.float64)
+    if config.kl_coef > 0:
+        if ref_log_probs is None:
+            raise ValueError(f"kl_coef={config.kl_coef} needs ref_log_probs")
+        token_kl = get_kl_estimator(config.kl_estimator)(
+            torch.where(mask, log_probs, 0), torch.where(mask, ref_log_probs, 0)
+        )
+        share = share + config.kl_coef * aggregate(token_kl, mask, sequence_ids, normalizers)
+        reference_kl = masked_sum(token_kl)
 
     stats = ObjectiveStats(
         loss=share.detach().to(torch.float64),
@@ -197,5 +228,6 @@ def policy_objective(
         dual_clipped=masked_sum(policy.dual_clipped),
         entropy=masked_sum(entropy),
         approx_kl=masked_sum(k3_estimator(policy.log_ratio)),
+        reference_kl=reference_kl,
     )
     return share, stats

@@ -1,4 +1,4 @@
-"""The k3 KL estimator and the eps_high schedule against hand-derived values."""
+"""The KL estimators and the eps_high schedule against hand-derived values."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_dapo.algo.eps_schedule import EpsHighSchedule
-from megatron_dapo.algo.kl import k3_estimator
+from megatron_dapo.algo.kl import KL_ESTIMATORS, get_kl_estimator, k3_estimator
 
 LN2 = math.log(2.0)
 
@@ -17,6 +17,42 @@ def test_k3_hand_values_and_overflow_clamp() -> None:
     assert k3_estimator(log_ratio).tolist() == pytest.approx([0.3068528194400547, 0.0])
     extreme = k3_estimator(torch.tensor([-50.0, 1e-9, 1e4]))
     assert extreme.min().item() >= 0.0 and torch.isfinite(extreme).all()
+
+
+# log pi_theta, log pi_ref per token: ratios pi_theta / pi_ref of 2, 1/2, 1, and a policy
+# e^-30 times less likely than the reference (beyond the exp clamp of 20 and the bound of 10)
+LOG_PROBS = torch.tensor([math.log(0.5), math.log(0.25), -1.0, -30.0], dtype=torch.float64)
+REF_LOG_PROBS = torch.tensor([math.log(0.25), math.log(0.5), -1.0, 0.0], dtype=torch.float64)
+E20 = math.exp(20.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "gradient"),
+    [
+        # k1 = logp - ref: ln 2, -ln 2, 0, -30; gradient 1
+        ("k1", [LN2, -LN2, 0.0, -30.0], [1.0, 1.0, 1.0, 1.0]),
+        # k3 = e^x - x - 1, x = ref - logp = -ln 2, ln 2, 0, 30 (clamped to 20):
+        #   1/2 + ln 2 - 1 = 0.1931472, 2 - ln 2 - 1 = 0.3068528, 0, e^20 - 21;
+        #   gradient 1 - e^x: 1/2, -1, 0, 0 (beyond the clamp)
+        ("k3", [0.5 + LN2 - 1, 1 - LN2, 0.0, E20 - 21], [0.5, -1.0, 0.0, 0.0]),
+        # low_var_kl: k3 clamped to [-10, 10]: the last token's is 10, without gradient
+        ("low_var_kl", [0.5 + LN2 - 1, 1 - LN2, 0.0, 10.0], [0.5, -1.0, 0.0, 0.0]),
+    ],
+)
+def test_reference_kl_estimators_hand_values_and_gradients(
+    name: str, values: list[float], gradient: list[float]
+) -> None:
+    log_probs = LOG_PROBS.clone().requires_grad_()
+    kl = get_kl_estimator(name)(log_probs, REF_LOG_PROBS)
+    assert kl.tolist() == pytest.approx(values, rel=1e-12, abs=1e-15)
+    kl.sum().backward()
+    assert log_probs.grad.tolist() == pytest.approx(gradient, rel=1e-12, abs=1e-15)
+
+
+def test_reference_kl_estimators_are_registered_by_name() -> None:
+    assert sorted(KL_ESTIMATORS) == ["k1", "k3", "low_var_kl"]
+    with pytest.raises(ValueError, match=r"unknown KL estimator 'k2'; valid names"):
+        get_kl_estimator("k2")
 
 
 def test_eps_high_schedules_hand_values() -> None:
