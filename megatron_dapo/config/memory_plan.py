@@ -10,6 +10,8 @@ Trainer, per rank (Megatron-Core 0.16.1 as `megatron_dapo.mcore.policy_step` bui
 
 * parameters: this rank's shard x d (TP splits linear layers and the vocabulary, PP the layers,
   EP the experts, expert-TP each expert; norms and routers are replicated).
+* reference policy (`algorithm.kl_coef > 0`): a frozen copy of the parameters, the same shard
+  x d; no gradients, no optimizer state (0 without a KL penalty).
 * gradients: Megatron DDP's contiguous `main_grad` buffers, fp32 for every parameter
   (`grad_reduce_in_fp32=True`), 4 bytes per parameter of the rank.
 * optimizer: Adam's m and v in fp32 (8 bytes per parameter) plus an fp32 master copy (4) when
@@ -72,7 +74,7 @@ class StageMemory:
 
     Attributes:
         name: `rank` (PP = 1), `first stage` or `last stage`.
-        parameters, gradients, optimizer: static memory (see the module doc).
+        parameters, reference, gradients, optimizer: static memory (see the module doc).
         activations_no_recompute: activations without any recompute.
         activations: with `training.recompute` (equal to the above for `none`).
         logits: logits, their gradient and the log-prob chunks (0 except on the last stage).
@@ -80,6 +82,7 @@ class StageMemory:
 
     name: str
     parameters: float
+    reference: float
     gradients: float
     optimizer: float
     activations_no_recompute: float
@@ -89,7 +92,8 @@ class StageMemory:
     @property
     def total(self) -> float:
         """Peak estimate with the configured recompute."""
-        return self.parameters + self.gradients + self.optimizer + self.activations + self.logits
+        static = self.parameters + self.reference + self.gradients + self.optimizer
+        return static + self.activations + self.logits
 
 
 @dataclass(frozen=True)
@@ -370,6 +374,7 @@ def _stage(config: RunConfig, name: str, first: bool, last: bool, in_flight: int
     return StageMemory(
         name=name,
         parameters=(dense + expert) * d,
+        reference=(dense + expert) * d if config.algorithm.kl_coef > 0 else 0.0,
         gradients=(dense + expert) * FP32,
         optimizer=optimizer,
         activations_no_recompute=passes * (no_recompute + overhead),
@@ -456,6 +461,7 @@ def format_plan(config: RunConfig, plan: MemoryPlan) -> str:
     ]
     rows = [
         (f"parameters ({dtype})", lambda s: s.parameters),
+        ("reference policy (frozen, algorithm.kl_coef > 0)", lambda s: s.reference),
         ("gradients (fp32 main_grad buffers)", lambda s: s.gradients),
         (
             "optimizer (Adam m, v"

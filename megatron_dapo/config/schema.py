@@ -23,6 +23,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from megatron_dapo.algo.aggregation import LOSS_AGGREGATIONS
 from megatron_dapo.algo.eps_schedule import SCHEDULE_SHAPES, EpsHighSchedule
+from megatron_dapo.algo.kl import KL_ESTIMATORS
 from megatron_dapo.algo.objective import ObjectiveConfig
 from megatron_dapo.algo.policy_loss import (
     LOSS_PARAMETER_RANGES,
@@ -207,9 +208,15 @@ class AlgorithmConfig(Section):
     sapo_tau_neg: float = _LOSS_DEFAULTS.sapo_tau_neg
     loss_norm_constant: int | None = Field(None, ge=1)
     """seq-mean-token-sum-norm divisor; None = rollout.max_response_length."""
-    kl_coef: float = 0.0
-    """Weight of a KL-to-reference penalty (GRPO); only 0 (no reference policy, as DAPO) is
-    supported so far."""
+    kl_coef: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    """Weight of the KL penalty to a reference policy (GRPO): > 0 builds a frozen copy of the
+    initial policy (`model.hf_checkpoint`, same layout and dtype, forward only: its parameters
+    once more per rank, no gradients or optimizer state), computes its log-probs in the
+    forward-only pass before the step's first update and adds `kl_coef` x the aggregated KL to
+    the loss. 0 = none (DAPO): no reference model is built."""
+    kl_estimator: str = "low_var_kl"
+    """Registered per-token KL estimator of the penalty: `k1`, `k3` or `low_var_kl` (k3 clamped
+    to +-10, verl's default), see `megatron_dapo.algo.kl`."""
     entropy_coef: float = Field(0.0, ge=0.0)
     old_log_probs: Literal["recompute", "rollout"] = "recompute"
     """pi_old of the clipped ratio: `recompute` = a forward pass of the policy over the step's
@@ -263,15 +270,11 @@ class AlgorithmConfig(Section):
             LOSS_PARAMETER_RANGES[name].validate(str(info.field_name), value)
         return value
 
-    @field_validator("kl_coef")
+    @field_validator("kl_estimator")
     @classmethod
-    def _no_reference_policy(cls, value: float) -> float:
-        if value != 0.0:
-            raise ValueError(
-                "a KL penalty needs a reference policy, which is not supported yet (DAPO uses "
-                "none); set 0"
-            )
-        return value
+    def _registered_kl_estimator(cls, name: str) -> str:
+        KL_ESTIMATORS.get(name)
+        return name
 
     @model_validator(mode="after")
     def _check_recipe_and_schedule(self) -> AlgorithmConfig:
@@ -326,6 +329,8 @@ class AlgorithmConfig(Section):
             entropy_coef=self.entropy_coef,
             rollout_correction=self.rollout_correction.mode,
             correction_threshold=self.rollout_correction.threshold,
+            kl_coef=self.kl_coef,
+            kl_estimator=self.kl_estimator,
         )
 
 
@@ -548,6 +553,11 @@ class RunConfig(Section):
         if model.moe is not None and par.tensor > 1 and not par.sequence_parallel:
             raise ValueError(
                 "Megatron-Core requires parallelism.sequence_parallel=true for MoE with tensor > 1"
+            )
+        if self.algorithm.kl_coef > 0 and model.hf_checkpoint is None:
+            raise ValueError(
+                f"algorithm.kl_coef={self.algorithm.kl_coef} needs model.hf_checkpoint: the "
+                "reference policy is the checkpoint the run starts from (also after a resume)"
             )
         if model.num_layers % (par.pipeline * (par.virtual_pipeline or 1)):
             raise ValueError(

@@ -57,6 +57,9 @@ class MicroBatch:
         samples: indices into the `TrainBatch` of the packed samples, in row order.
         routed_experts: `[1, T, L, K]` uint8/int16 the fleet's experts of each input token at
             each MoE layer (routing replay); None when the batch carries no routes.
+        ref_log_probs: float32 log pi_ref of the target (nats), 0 off the loss mask: the frozen
+            reference policy's, computed beside pi_old (`PolicyTrainer`, `algorithm.kl_coef`
+            > 0, last pipeline stage); None as built and without a reference policy.
     """
 
     tokens: torch.Tensor
@@ -71,6 +74,7 @@ class MicroBatch:
     sequence_ids: torch.Tensor
     samples: tuple[int, ...]
     routed_experts: torch.Tensor | None = None
+    ref_log_probs: torch.Tensor | None = None
 
     @property
     def length(self) -> int:

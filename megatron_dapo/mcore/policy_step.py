@@ -8,7 +8,14 @@
 
 With `algorithm.old_log_probs: recompute` a forward-only pass of the schedule over every
 mini-batch first gives pi_old of each micro-batch (on the last pipeline stage) and the
-trainer/rollout mismatch, before the first update.
+trainer/rollout mismatch, before the first update. With `algorithm.kl_coef > 0` the same
+forward-only schedule runs the reference policy over every mini-batch too: a frozen copy of
+the initial policy (`model.hf_checkpoint` loaded into chunks of the same layout and dtype, the
+routers replaying the batch's routes like the policy's; no DDP, no optimizer, parameters that
+do not require gradients), whose log-probs pi_ref every micro-batch then carries into the
+loss's KL penalty. Both forward-only passes run the chunks in their default (training) mode
+under `torch.no_grad`, so the reference computes bitwise what the policy computes with the
+same weights: the KL of the first optimizer step is 0.
 
 An optimizer step packs its mini-batch into micro-batches (`micro_batches`), split over DP
 ranks; counts the GLOBAL loss normalisers (loss tokens and sequences, all-reduced over DP)
@@ -50,7 +57,7 @@ import torch.distributed as dist
 from megatron_dapo.algo.aggregation import LossNormalizers, count_loss_normalizers
 from megatron_dapo.algo.objective import ObjectiveConfig, ObjectiveStats, policy_objective
 from megatron_dapo.algo.rollout_correction import RolloutMismatch, rollout_mismatch
-from megatron_dapo.config.schema import RunConfig
+from megatron_dapo.config.schema import RecomputeConfig, RunConfig
 from megatron_dapo.hf.convert import load_hf_checkpoint
 from megatron_dapo.mcore.logprobs import (
     vocab_parallel_log_probs,
@@ -62,7 +69,7 @@ from megatron_dapo.mcore.micro_batches import (
     build_micro_batch,
     plan_micro_batches,
 )
-from megatron_dapo.mcore.model import build_model_chunks
+from megatron_dapo.mcore.model import NO_RECOMPUTE, build_model_chunks
 from megatron_dapo.mcore.parallel import model_device
 from megatron_dapo.mcore.routing_replay import RoutingReplay
 from pipeline.train_batch import TrainBatch
@@ -90,6 +97,9 @@ class OptimizerStepMetrics:
         expert_load: tokens routed to each expert (top-k assignments) per MoE layer
             `[layer][expert]`, summed over the step (padding tokens included); None for dense
             models.
+        reference_kl: mean estimate (`algorithm.kl_estimator`) of KL(pi_theta || pi_ref) per
+            loss token (nats), the penalty's KL before its coefficient; None without a
+            reference policy (`algorithm.kl_coef` 0).
     """
 
     loss: float
@@ -106,6 +116,7 @@ class OptimizerStepMetrics:
     update_successful: bool
     moe_aux_loss: float | None
     expert_load: list[list[int]] | None
+    reference_kl: float | None = None
 
 
 @dataclass(frozen=True)
@@ -131,12 +142,13 @@ class TrainResult:
         optimizer_steps: one entry per mini-batch.
         mismatch: trainer/rollout mismatch of the batch's loss tokens; None when pi_old is the
             rollout's (`algorithm.old_log_probs: rollout`).
-        old_log_prob_seconds: wall time of the forward-only pass that recomputed pi_old.
+        old_log_prob_seconds: wall time of the forward-only passes before the first update
+            (pi_old recomputed, reference log-probs); None when neither runs.
     """
 
     optimizer_steps: list[OptimizerStepMetrics]
     mismatch: RolloutMismatch | None
-    old_log_prob_seconds: float
+    old_log_prob_seconds: float | None
 
 
 class _ExpertLoadCounter:
@@ -180,19 +192,14 @@ class PolicyTrainer:
         from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-        from megatron.core.transformer.module import Float16Module
 
         self.config = config
         par = config.parallelism
         self._routing = config.expert_routing()
-        chunks = build_model_chunks(
-            config.model, par, config.training.recompute, self._routing is not None
-        )
-        if config.model.hf_checkpoint is not None:
-            load_hf_checkpoint(chunks, config.model.hf_checkpoint)  # before the optimizer copies
+        # the checkpoint is loaded before the optimizer copies the parameters
+        chunks = initial_policy_chunks(config, config.training.recompute)
         self.transformer_config = chunks[0].config
-        if config.model.params_dtype != "float32":
-            chunks = [Float16Module(self.transformer_config, chunk) for chunk in chunks]
+        self.reference = reference_policy_chunks(config) if config.algorithm.kl_coef > 0 else None
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
@@ -256,10 +263,20 @@ class PolicyTrainer:
             else None
         )
         self._routing_replay = (
-            RoutingReplay(self.chunks, self.transformer_config.sequence_parallel)
+            RoutingReplay(
+                self.chunks + (self.reference or []), self.transformer_config.sequence_parallel
+            )
             if self._routing is not None
             else None
         )
+        self._log_prob_passes: dict[str, list[torch.nn.Module]] = {}
+        """The forward-only passes before the first update: the `MicroBatch` log-prob field
+        each one fills, and the chunks it runs."""
+        if config.algorithm.old_log_probs == "recompute":
+            self._log_prob_passes["old_log_probs"] = self.chunks
+        if self.reference is not None:
+            self._log_prob_passes["ref_log_probs"] = self.reference
+        self._last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
 
     @property
     def models(self) -> list[torch.nn.Module]:
@@ -271,8 +288,9 @@ class PolicyTrainer:
         return unwrap_model(self.chunks, (DistributedDataParallel, Float16Module))
 
     def train(self, batch: TrainBatch) -> TrainResult:
-        """One rollout step's batch (the same on every rank): pi_old recomputed for the whole
-        batch first (`algorithm.old_log_probs: recompute`), then one optimizer step per
+        """One rollout step's batch (the same on every rank): pi_old recomputed
+        (`algorithm.old_log_probs: recompute`) and the reference log-probs computed
+        (`algorithm.kl_coef > 0`) for the whole batch first, then one optimizer step per
         mini-batch of `training.mini_batch_size` samples, in batch order."""
         size = self.config.training.mini_batch_size
         if batch.num_samples % size:
@@ -286,17 +304,19 @@ class PolicyTrainer:
         return self._train(mini_batches)
 
     def step(self, batch: TrainBatch) -> OptimizerStepMetrics:
-        """One optimizer step on all of `batch` (pi_old recomputed first if configured)."""
+        """One optimizer step on all of `batch` (pi_old and pi_ref first if configured)."""
         return self._train([self._pack(batch)]).optimizer_steps[0]
 
     def _train(self, mini_batches: list[PackedMiniBatch]) -> TrainResult:
         started = time.perf_counter()
-        mismatch = None
-        if self.config.algorithm.old_log_probs == "recompute":
-            mini_batches, mismatch = self._recompute_old_log_probs(mini_batches)
-        recomputed = time.perf_counter()
+        mismatch = seconds = None
+        if self._log_prob_passes:
+            mini_batches = [self._with_log_probs(mini_batch) for mini_batch in mini_batches]
+            if "old_log_probs" in self._log_prob_passes:
+                mismatch = self._rollout_mismatch(mini_batches)
+            seconds = time.perf_counter() - started
         steps = [self._optimize(mini_batch) for mini_batch in mini_batches]
-        return TrainResult(steps, mismatch, recomputed - started)
+        return TrainResult(steps, mismatch, seconds)
 
     def _pack(self, batch: TrainBatch) -> PackedMiniBatch:
         """`batch` packed into this DP rank's micro-batches (the same plan on every rank)."""
@@ -319,17 +339,23 @@ class PolicyTrainer:
         return PackedMiniBatch(plan, micro_batches, plan.padding_fraction(batch))
 
     def _run_schedule(
-        self, forward_step: Callable, mini_batch: PackedMiniBatch, forward_only: bool
+        self,
+        forward_step: Callable,
+        mini_batch: PackedMiniBatch,
+        forward_only: bool,
+        chunks: list[torch.nn.Module] | None = None,
     ) -> list[dict[str, torch.Tensor]]:
-        """Megatron-Core's forward(-backward) schedule over the mini-batch's micro-batches; the
-        loss functions' dicts, in micro-batch order, on the last pipeline stage (else [])."""
+        """Megatron-Core's forward(-backward) schedule of `chunks` (default: the policy's) over
+        the mini-batch's micro-batches; the loss functions' dicts, in micro-batch order, on the
+        last pipeline stage (else [])."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        chunks = chunks or self.chunks
         micro_batches = mini_batch.micro_batches
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=[iter(micro_batches) for _ in self.chunks],
-            model=self.chunks,
+            data_iterator=[iter(micro_batches) for _ in chunks],
+            model=chunks,
             num_microbatches=mini_batch.plan.num_microbatches,
             seq_length=mini_batch.plan.row_length or max(mb.length for mb in micro_batches),
             micro_batch_size=1,
@@ -340,25 +366,28 @@ class PolicyTrainer:
         return outputs
 
     @torch.no_grad()
-    def _recompute_old_log_probs(
-        self, mini_batches: list[PackedMiniBatch]
-    ) -> tuple[list[PackedMiniBatch], RolloutMismatch]:
-        """pi_old of every micro-batch from a forward-only pass of the current policy (last
-        pipeline stage; other stages keep the rollout's, which they never use), and the
-        trainer/rollout mismatch over the whole batch, reduced over every rank."""
-        correction = self.config.algorithm.rollout_correction
-        recomputed, mismatch = [], None
-        for mini_batch in mini_batches:
-            outputs = self._run_schedule(self._forward_log_probs, mini_batch, forward_only=True)
+    def _with_log_probs(self, mini_batch: PackedMiniBatch) -> PackedMiniBatch:
+        """`mini_batch` with the log-probs of each forward-only pass (`_log_prob_passes`: pi_old
+        from the current policy, pi_ref from the reference policy) in its micro-batches, on the
+        last pipeline stage; other stages keep theirs, which they never use."""
+        for field, chunks in self._log_prob_passes.items():
+            outputs = self._run_schedule(self._forward_log_probs, mini_batch, True, chunks)
             if not outputs:  # not the last pipeline stage
-                recomputed.append(mini_batch)
                 continue
             micro_batches = tuple(
-                dataclasses.replace(mb, old_log_probs=out["log_probs"])
+                dataclasses.replace(mb, **{field: out["log_probs"]})
                 for mb, out in zip(mini_batch.micro_batches, outputs, strict=True)
             )
-            recomputed.append(dataclasses.replace(mini_batch, micro_batches=micro_batches))
-            for mb in micro_batches:
+            mini_batch = dataclasses.replace(mini_batch, micro_batches=micro_batches)
+        return mini_batch
+
+    def _rollout_mismatch(self, mini_batches: list[PackedMiniBatch]) -> RolloutMismatch:
+        """The trainer/rollout mismatch of the recomputed pi_old over the whole batch, reduced
+        over every rank."""
+        correction = self.config.algorithm.rollout_correction
+        mismatch = None
+        if self._last_stage:  # the only stage that recomputed pi_old
+            for mb in (mb for mini_batch in mini_batches for mb in mini_batch.micro_batches):
                 part = rollout_mismatch(
                     mb.old_log_probs,
                     mb.rollout_log_probs,
@@ -368,7 +397,7 @@ class PolicyTrainer:
                     correction.threshold,
                 )
                 mismatch = part if mismatch is None else mismatch + part
-        return recomputed, self._reduce_mismatch(mismatch)
+        return self._reduce_mismatch(mismatch)
 
     def _reduce_mismatch(self, mismatch: RolloutMismatch | None) -> RolloutMismatch:
         """The mismatch of every rank's micro-batches (only the last stage measured any)."""
@@ -417,6 +446,7 @@ class PolicyTrainer:
             update_successful=bool(update_successful),
             moe_aux_loss=self._take_aux_loss(plan.num_microbatches),
             expert_load=self._expert_load.take().tolist() if self._expert_load else None,
+            reference_kl=stats.mean_reference_kl() if self.reference is not None else None,
         )
 
     def _is_finite(self, loss: float) -> bool:
@@ -534,6 +564,7 @@ class PolicyTrainer:
             normalizers,
             objective,
             rollout_log_probs=micro_batch.rollout_log_probs,
+            ref_log_probs=micro_batch.ref_log_probs,
         )
         return share * scale, {"stats": stats.as_tensor().detach()}
 
@@ -562,6 +593,37 @@ class PolicyTrainer:
         per_layer = tracker["load_balancing_loss"]["values"] / num_microbatches
         clear_aux_losses_tracker()
         return float(per_layer.mean())
+
+
+def initial_policy_chunks(
+    config: RunConfig, recompute: RecomputeConfig = NO_RECOMPUTE
+) -> list[torch.nn.Module]:
+    """This rank's chunks of the policy as the run starts: `model.hf_checkpoint` loaded if
+    set, wrapped in `Float16Module` for 16-bit `model.params_dtype`; MoE routers can replay
+    routes when the run replays them (`algorithm.routing_replay`)."""
+    from megatron.core.transformer.module import Float16Module
+
+    chunks = build_model_chunks(
+        config.model, config.parallelism, recompute, config.expert_routing() is not None
+    )
+    if config.model.hf_checkpoint is not None:
+        load_hf_checkpoint(chunks, config.model.hf_checkpoint)
+    if config.model.params_dtype == "float32":
+        return chunks
+    return [Float16Module(chunk.config, chunk) for chunk in chunks]
+
+
+def reference_policy_chunks(config: RunConfig) -> list[torch.nn.Module]:
+    """The frozen reference policy of a run with `algorithm.kl_coef > 0`: this rank's chunks
+    of `model.hf_checkpoint` in the policy's layout and dtype, whose parameters do not require
+    gradients (no recompute: there is no backward pass). Memory: this rank's parameters once
+    more, x bytes of `model.params_dtype`; no gradient buffers, no optimizer state."""
+    chunks = initial_policy_chunks(config)
+    for chunk in chunks:
+        chunk.requires_grad_(False)
+    frozen = sum(p.numel() * p.element_size() for chunk in chunks for p in chunk.parameters())
+    logger.info("reference policy: %.1f MiB of frozen parameters on this rank", frozen / 2**20)
+    return chunks
 
 
 def optimizer_steps_per_run(config: RunConfig) -> int:

@@ -80,6 +80,9 @@ class StepMetrics:
     """Largest |log pi_old - log pi_rollout| of the step (nats)."""
     rollout_truncated_ratio: float | None = None
     """Fraction of loss tokens whose importance weight was truncated (rollout correction)."""
+    reference_kl: float | None = None
+    """KL(pi_theta || pi_ref) per loss token (nats) by `algorithm.kl_estimator`, the KL penalty's
+    before its coefficient; None without a reference policy (`algorithm.kl_coef` 0)."""
 
     @property
     def step_seconds(self) -> float:
@@ -123,6 +126,9 @@ class TrainerMetricsExporter:
         )
         self._truncated_weights = gauge(
             "rollout_truncated_weight_ratio", "Fraction of loss tokens with a truncated IS weight"
+        )
+        self._reference_kl = gauge(
+            "reference_kl_nats", "KL(pi_theta || pi_ref) per loss token (KL penalty's estimator)"
         )
         self._skipped = Counter(
             f"{PREFIX}_skipped_optimizer_steps",
@@ -178,5 +184,7 @@ class TrainerMetricsExporter:
             self._logprob_diff.labels(run, "mean").set(m.rollout_logprob_diff_mean)
             self._logprob_diff.labels(run, "max").set(m.rollout_logprob_diff_max)
             self._truncated_weights.labels(run).set(m.rollout_truncated_ratio)
+        if m.reference_kl is not None:
+            self._reference_kl.labels(run).set(m.reference_kl)
         self._tokens.labels(run).inc(m.trained_tokens)
         self._skipped.labels(run).inc(m.skipped_optimizer_steps)

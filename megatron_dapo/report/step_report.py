@@ -45,7 +45,12 @@ def run_summary(config: RunConfig) -> str:
             f"{config.data_parallel_size} (EP {par.expert}); fleet: {fleet}",
             f"objective: {algorithm.policy_loss} loss, {algorithm.advantage.estimator} advantages, "
             f"{algorithm.loss_aggregation}, eps {algorithm.eps_low}/{algorithm.eps_high}; pi_old "
-            f"{algorithm.old_log_probs}, rollout correction {correction.mode}",
+            f"{algorithm.old_log_probs}, rollout correction {correction.mode}"
+            + (
+                f"; KL penalty {algorithm.kl_coef} x {algorithm.kl_estimator} to the reference"
+                if algorithm.kl_coef > 0
+                else ""
+            ),
             f"steps: {config.training.steps} x {config.training.prompts_per_step} prompts x "
             f"{rollout.n_samples_per_prompt} samples; prompts <= {config.data.max_prompt_length}, "
             f"responses <= {rollout.max_response_length} tokens",
@@ -62,8 +67,8 @@ def summarize_step(
 ) -> StepMetrics:
     """One RL step's metrics; per-token means are weighted by each optimizer step's tokens.
 
-    `phase_seconds` holds the phases the loop timed; the old-log-prob pass inside `train` is
-    split off as its own phase.
+    `phase_seconds` holds the phases the loop timed; the forward-only passes inside `train`
+    (pi_old recomputed, reference log-probs) are split off as the `old_log_probs` phase.
     """
     optimizer_steps = trained.optimizer_steps
     tokens = torch.tensor([float(o.num_loss_tokens) for o in optimizer_steps])
@@ -81,10 +86,11 @@ def summarize_step(
     load = torch.stack(loads).sum(0).double() if loads else None
     trained_tokens = batch.num_tokens  # prompt and response tokens through the model
     phases = {**phase_seconds, "reward": stats.reward_seconds}
-    if trained.mismatch is not None:
+    if trained.old_log_prob_seconds is not None:
         phases["old_log_probs"] = trained.old_log_prob_seconds
         phases["train"] = phase_seconds["train"] - trained.old_log_prob_seconds
     mismatch = trained.mismatch
+    with_reference = optimizer_steps[0].reference_kl is not None
     return StepMetrics(
         step=step,
         loss=sum(o.loss for o in optimizer_steps) / len(optimizer_steps),
@@ -118,6 +124,7 @@ def summarize_step(
         rollout_logprob_diff_mean=mismatch.mean_abs_diff() if mismatch else None,
         rollout_logprob_diff_max=float(mismatch.max_abs_diff) if mismatch else None,
         rollout_truncated_ratio=mismatch.truncated_fraction() if mismatch else None,
+        reference_kl=token_mean("reference_kl") if with_reference else None,
     )
 
 
@@ -189,6 +196,8 @@ class StepReporter:
         ]
         if m.rollout_mismatch_kl is not None:
             parts.append(f"mismatch KL {m.rollout_mismatch_kl:.1e}")
+        if m.reference_kl is not None:
+            parts.append(f"ref KL {m.reference_kl:.1e}")
         parts += [
             f"len {m.response_length_mean:.1f} (max {m.response_length_max:.0f}, "
             f"trunc {m.truncated_ratio:.2f})",

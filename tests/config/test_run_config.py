@@ -247,7 +247,13 @@ def test_routing_replay_reaches_the_data_plane_as_the_models_routing() -> None:
             ["algorithm.routing_replay=rollout", "model.moe.load_balancing_type=sinkhorn"],
             "algorithm.routing_replay='rollout' replays top-k routes: it needs an MoE model",
         ),
-        (["algorithm.kl_coef=0.1"], "a KL penalty needs a reference policy"),
+        (
+            ["algorithm.kl_coef=0.1", "model.hf_checkpoint=null"],
+            "algorithm.kl_coef=0.1 needs model.hf_checkpoint: the reference policy is the "
+            "checkpoint the run starts from",
+        ),
+        (["algorithm.kl_coef=-0.1"], "Input should be greater than or equal to 0"),
+        (["algorithm.kl_estimator=k2"], "unknown KL estimator 'k2'; valid names: ['k1', 'k3',"),
         (["rollout.temperature=0"], "rollout.temperature=0.0 must be > 0"),
         (["algorithm.dual_clip_c=1.0"], "dual_clip_c must be finite and > 1, got 1.0"),
         (["algorithm.eps_high_end=-0.1"], "eps_high_end must be finite and >= 0, got -0.1"),

@@ -44,6 +44,7 @@ def example_step_metrics(step: int = 3, **changes: object) -> StepMetrics:
         rollout_logprob_diff_mean=0.01,
         rollout_logprob_diff_max=0.3,
         rollout_truncated_ratio=0.001,
+        reference_kl=3e-3,
     )
     values.update(changes)
     return StepMetrics(**values)  # type: ignore[arg-type]

@@ -21,7 +21,12 @@ DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo-cpu.yaml"
 
 
 def _optimizer_step(
-    tokens: int, entropy: float, clip_high: float, loss: float, dual: float = 0.0
+    tokens: int,
+    entropy: float,
+    clip_high: float,
+    loss: float,
+    dual: float = 0.0,
+    reference_kl: float | None = None,
 ) -> OptimizerStepMetrics:
     return OptimizerStepMetrics(
         loss=loss,
@@ -38,6 +43,7 @@ def _optimizer_step(
         update_successful=True,
         moe_aux_loss=0.01,
         expert_load=[[3, 1], [2, 2]],
+        reference_kl=reference_kl,
     )
 
 
@@ -62,7 +68,7 @@ def test_summary_weights_token_means_and_reads_the_queue() -> None:
     stats.generation_seconds, stats.reward_seconds = 4.0, 1.5
     steps = [_optimizer_step(30, 2.0, 0.1, 0.4, 0.2), _optimizer_step(10, 1.0, 0.5, 0.2)]
     m = summarize_step(
-        5, _batch(), stats, TrainResult(steps, None, 0.0), {"generate": 4.0, "train": 2.0}
+        5, _batch(), stats, TrainResult(steps, None, None), {"generate": 4.0, "train": 2.0}
     )
     assert m.step == 5
     assert m.entropy == pytest.approx((30 * 2.0 + 10 * 1.0) / 40)
@@ -79,6 +85,20 @@ def test_summary_weights_token_means_and_reads_the_queue() -> None:
     assert m.phase_seconds == {"generate": 4.0, "train": 2.0, "reward": 1.5}
     assert m.step_seconds == 6.0  # reward calls overlap generation
     assert m.rollout_mismatch_kl is None  # pi_old is the rollout's
+    assert m.reference_kl is None  # no reference policy
+
+
+def test_summary_weights_the_reference_kl_and_splits_off_its_forward_pass() -> None:
+    # pi_old is the rollout's, the reference pass alone takes 0.25 s of `train`
+    steps = [
+        _optimizer_step(30, 2.0, 0.1, 0.4, reference_kl=0.02),
+        _optimizer_step(10, 1.0, 0.5, 0.2, reference_kl=0.06),
+    ]
+    trained = TrainResult(steps, None, 0.25)
+    m = summarize_step(0, _batch(), StepStats(), trained, {"generate": 4.0, "train": 2.0})
+    assert m.reference_kl == pytest.approx((30 * 0.02 + 10 * 0.06) / 40)
+    assert m.phase_seconds["old_log_probs"] == 0.25 and m.phase_seconds["train"] == 1.75
+    assert m.rollout_mismatch_kl is None
 
 
 def test_summary_splits_off_the_old_log_prob_pass_and_reports_the_mismatch() -> None:

@@ -29,6 +29,7 @@ def test_record_sets_every_series() -> None:
     assert value("dapo_rollout_mismatch_kl_nats") == 2e-4
     assert value("dapo_rollout_logprob_diff_nats", stat="max") == 0.3
     assert value("dapo_rollout_truncated_weight_ratio") == 0.001
+    assert value("dapo_reference_kl_nats") == 3e-3
     assert value("dapo_step_phase_seconds", phase="old_log_probs") == 0.4
     assert value("dapo_response_length_tokens", stat="max") == 32
     assert value("dapo_advantage", stat="min") == -1.7

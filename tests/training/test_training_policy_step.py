@@ -6,7 +6,7 @@ import contextlib
 
 import pytest
 import torch
-from training_helpers import random_train_batch, tiny_run_config
+from training_helpers import random_train_batch, tiny_run_config, unpacked_log_probs
 
 from megatron_dapo.algo.aggregation import LossNormalizers, get_loss_aggregation
 from megatron_dapo.algo.policy_loss import get_policy_loss
@@ -36,32 +36,10 @@ def _with(config, **sections):
     )
 
 
-def _unpacked_log_probs(trainer: PolicyTrainer, batch):
-    """From full-vocabulary log_softmax, each sample alone (no packing, no mask): the log-probs
-    and entropies of every target `[num targets]`, which batch tokens are targets (`keep`,
-    `[N]` bool) and each target's sample `[num targets]`."""
-    (module,) = [chunk.module for chunk in trainer.chunks]
-    log_probs, entropy, sequence_ids = [], [], []
-    for sample in range(batch.num_samples):
-        start, end = batch.sample_offsets[sample], batch.sample_offsets[sample + 1]
-        tokens = batch.tokens[start:end].unsqueeze(0)
-        n = int(end - start)
-        causal = torch.ones(n, n, dtype=torch.bool).triu(1).view(1, 1, n, n)  # True = masked
-        logits = module(tokens, torch.arange(n).unsqueeze(0), causal)[0, :-1]
-        logits = logits / trainer.config.rollout.temperature
-        full = torch.log_softmax(logits.float(), dim=-1)
-        log_probs.append(full.gather(1, batch.tokens[start + 1 : end, None]).squeeze(1))
-        entropy.append(-(full.exp() * full).sum(-1))
-        sequence_ids.append(torch.full((end - start - 1,), sample))
-    keep = torch.ones(batch.num_tokens, dtype=torch.bool)
-    keep[batch.sample_offsets[:-1]] = False  # the first token of a sample is never a target
-    return torch.cat(log_probs), torch.cat(entropy), keep, torch.cat(sequence_ids)
-
-
 def _unpacked_loss(trainer: PolicyTrainer, batch, normalizers: LossNormalizers):
     """The global loss of the unpacked log-probs; pi_old is them (detached) when recomputed."""
     algorithm = trainer.config.algorithm
-    log_probs, entropy, keep, ids = _unpacked_log_probs(trainer, batch)
+    log_probs, entropy, keep, ids = unpacked_log_probs(trainer, batch)
     mask = batch.loss_mask[keep]
     recompute = algorithm.old_log_probs == "recompute"
     old_log_probs = log_probs.detach() if recompute else batch.rollout_log_probs[keep]
@@ -144,7 +122,7 @@ def test_recomputed_pi_old_and_the_rollout_mismatch_match_an_unpacked_forward(mo
     )
     trainer = PolicyTrainer(config)
     batch = random_train_batch(4)
-    log_probs, _, keep, ids = _unpacked_log_probs(trainer, batch)
+    log_probs, _, keep, ids = unpacked_log_probs(trainer, batch)
     mask = batch.loss_mask[keep]
     diff = (log_probs.detach() - batch.rollout_log_probs[keep])[mask].double()
     weights = diff.exp()  # pi_old / pi_rollout per token, or per sequence in sequence mode

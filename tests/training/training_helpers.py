@@ -98,3 +98,26 @@ def random_train_batch(
         group_ids=torch.arange(num_samples) // 4,
         weight_versions=torch.zeros(num_samples, dtype=torch.int64),
     )
+
+
+def unpacked_log_probs(trainer, batch: TrainBatch):
+    """From the trainer's policy (`PolicyTrainer`, one chunk, one rank) with a full-vocabulary
+    log_softmax, each sample alone (no packing, no mask): the log-probs and entropies of every
+    target `[num targets]` (nats, at `rollout.temperature`), which batch tokens are targets
+    (`keep`, `[N]` bool) and each target's sample `[num targets]`."""
+    (model,) = trainer.models
+    log_probs, entropy, sequence_ids = [], [], []
+    for sample in range(batch.num_samples):
+        start, end = batch.sample_offsets[sample], batch.sample_offsets[sample + 1]
+        tokens = batch.tokens[start:end].unsqueeze(0)
+        n = int(end - start)
+        causal = torch.ones(n, n, dtype=torch.bool).triu(1).view(1, 1, n, n)  # True = masked
+        logits = model(tokens, torch.arange(n).unsqueeze(0), causal)[0, :-1]
+        logits = logits / trainer.config.rollout.temperature
+        full = torch.log_softmax(logits.float(), dim=-1)
+        log_probs.append(full.gather(1, batch.tokens[start + 1 : end, None]).squeeze(1))
+        entropy.append(-(full.exp() * full).sum(-1))
+        sequence_ids.append(torch.full((end - start - 1,), sample))
+    keep = torch.ones(batch.num_tokens, dtype=torch.bool)
+    keep[batch.sample_offsets[:-1]] = False  # the first token of a sample is never a target
+    return torch.cat(log_probs), torch.cat(entropy), keep, torch.cat(sequence_ids)
