@@ -7,9 +7,11 @@ One CPU server (TP1) of a tiny Qwen3-MoE checkpoint (4 layers, 4 experts) serves
 module; `weight_stream_worker.py` streams the weights the trainer loaded from that checkpoint
 (so its prefill log-probs must stay the same, bit for bit) and a control with the final norm
 scaled by 1% (which must change them, and the next sync restore them). Buckets of 16 KiB, far
-below the model (~330 KiB), so every stage streams many buckets and the peak is meaningful.
-Server TP2 is not tested: SGLang 0.5.23's CPU server needs one core per TP rank besides the
-trainer's two (measured: `--tp 2` here did not come up within the test's budget).
+below each sender's shards (110-150 KiB), so every stage streams many buckets and the bound
+(16 KiB + 2 x 12 KiB: the TP2 embedding's gathered shards and their concatenation) is well
+below what a whole-stage gather holds. Measured on 2 cores: about a minute, most of it server
+start. Servers of TP size 2 (rank offsets 1 + the TP sizes before) are not covered here; the
+two-server case (offsets 1 and 2) is `tests/pipeline/test_sglang_client.py`.
 """
 
 from __future__ import annotations
