@@ -35,13 +35,13 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SIZES = {  # name -> HF config fields of a Llama (vocab 32000, GQA 4:1)
+SIZES = {  # name -> HF config fields of a Llama (vocab 32000, 64-dim heads, 2 KV heads)
     "small": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4},
-    "medium": {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 6},
-    "large": {"hidden_size": 1536, "intermediate_size": 4608, "num_hidden_layers": 8},
+    "medium": {"hidden_size": 768, "intermediate_size": 2304, "num_hidden_layers": 6},
+    "large": {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 8},
 }
 BUCKETS_MB = (8, 64)
-REPEATS = 3
+REPEATS = 2
 
 
 @torch.no_grad()
@@ -132,7 +132,7 @@ def worker(scratch: Path) -> None:
                 "llama",
                 vocab_size=32000,
                 num_attention_heads=fields["hidden_size"] // 64,
-                num_key_value_heads=fields["hidden_size"] // 256,
+                num_key_value_heads=2,
                 **fields,
             )
             AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(source)
