@@ -463,20 +463,22 @@ class SGLangServerClient:
         )
 
     async def update_weights_from_tensor(
-        self, serialized: bytes, weight_version: str, load_format: str | None = None
+        self, serialized: Sequence[bytes], weight_version: str, load_format: str | None = None
     ) -> None:
         """Load tensors pickled by `pipeline.weight_sync.serialize_for_sglang` (named tensors, or
-        a flattened bucket with `load_format="flattened_bucket"`); every TP rank of the server
-        reads its own copy. Inside a `begin_weight_update` session.
+        a flattened bucket with `load_format="flattened_bucket"`), one pickle per TP rank of the
+        server (each unpickling drops one reference of the shared storage). Inside a
+        `begin_weight_update` session.
 
         The tensors are passed by shared memory (CUDA IPC on GPU): keep them alive until this
         returns.
         """
-        encoded = base64.b64encode(serialized).decode()
+        if len(serialized) != await self.tp_size():
+            raise ValueError(f"{self.url} has {self._tp_size} TP ranks, got {len(serialized)}")
         await self._checked(
             "/update_weights_from_tensor",
             {
-                "serialized_named_tensors": [encoded] * await self.tp_size(),
+                "serialized_named_tensors": [base64.b64encode(s).decode() for s in serialized],
                 "load_format": load_format,
                 "weight_version": weight_version,
             },

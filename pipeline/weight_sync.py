@@ -20,10 +20,11 @@ stage's sender simply waits for its turn, so no cycle can form. Per `rollout.wei
                  `update_weights_from_distributed(load_format="flattened_bucket")` call.
                  Failed servers are not re-admitted once the groups formed: a group's ranks are
                  fixed.
-    tensor       the sender publishes the bucket serialized for SGLang (its storage travels by
-                 shared memory, CUDA IPC on GPU: servers on the trainer's host), the servers
-                 load it (`update_weights_from_tensor(load_format="flattened_bucket")`), and
-                 the data plane acknowledges it before the sender reuses its buffer.
+    tensor       the sender publishes the bucket serialized for SGLang once per server TP
+                 rank (its storage travels by shared memory, CUDA IPC on GPU: servers on the
+                 trainer's host), the servers load it
+                 (`update_weights_from_tensor(load_format="flattened_bucket")`), and the data
+                 plane acknowledges it before the sender reuses its buffer.
 
 `WeightSync` is the only code that changes the fleet's weight version: through
 `RolloutClient.weight_update`, under the lock that guards server revival, with generation
@@ -250,6 +251,13 @@ def _key(version: int, stage: int, index: int) -> str:
     return f"v{version}/s{stage}/b{index}"
 
 
+def _receivers_key(version: int, stage: int) -> str:
+    """Tensor mode: how many server TP ranks read each bucket of (version, stage); the sender
+    pickles the bucket once for each, since every unpickling drops one reference of the shared
+    storage (one pickle read twice would unlink it while the sender still reuses it)."""
+    return f"v{version}/s{stage}/receivers"
+
+
 def _store_take(store: dist.Store, key: str, timeout: timedelta) -> bytes:
     """The value of `key`, waiting up to `timeout` for another process to set it; the key is
     deleted (each record is read once, and a stale one is never mistaken for the next)."""
@@ -292,15 +300,23 @@ class WeightSender:
     def send(self, version: int, buckets: Iterable[WeightBucket]) -> None:
         """Publish every bucket of this stage as weight `version`; returns once the last was
         written (disk), broadcast (distributed) or loaded by the fleet (tensor)."""
-        index = -1
+        index, receivers = -1, 0
         for index, bucket in enumerate(buckets):
             key = _key(version, self.stage, index)
             record: dict[str, object] = {"entries": [e.__dict__ for e in bucket.entries]}
             if self.mode == "disk":
-                record["file"] = shard_file_name(self.stage, index)
-                write_safetensors(version_dir(self.run_dir, version) / record["file"], bucket)
+                file = shard_file_name(self.stage, index)
+                write_safetensors(version_dir(self.run_dir, version) / file, bucket)
+                record["file"] = file
             elif self.mode == "tensor":
-                record["payload"] = base64.b64encode(serialize_flattened_bucket(bucket)).decode()
+                if index == 0:
+                    receivers = int(
+                        _store_take(self.store, _receivers_key(version, self.stage), self.timeout)
+                    )
+                record["payloads"] = [
+                    base64.b64encode(serialize_flattened_bucket(bucket)).decode()
+                    for _ in range(receivers)
+                ]
             self.store.set(key, json.dumps(record))
             if self.mode == "distributed":
                 self._broadcast(bucket.data)
@@ -379,6 +395,7 @@ class WeightSync:
         self.source_dir = source_dir
         self.timeout = timedelta(seconds=timeout_s)
         self._group_members: list[str] | None = None
+        self._payload_slices: dict[str, slice] = {}
 
     async def sync(self, version: int) -> None:
         """Load the senders' weight `version` on every live server; the fleet's weight version
@@ -424,6 +441,8 @@ class WeightSync:
                     "a server of the weight update groups died; the groups cannot complete a "
                     "broadcast without it (restart the run to form them again)"
                 )
+            if self.mode == "tensor":
+                await self._assign_tensor_payloads(version, update.workers)
             await update.each(lambda w: w.begin_weight_update())
             try:
                 for stage in range(self.num_stages):
@@ -448,13 +467,26 @@ class WeightSync:
             load_format="flattened_bucket",
         )
 
-    @staticmethod
-    async def _load_tensor(
-        worker: SGLangServerClient, stage: int, record: dict, version: int
+    async def _assign_tensor_payloads(
+        self, version: int, workers: list[SGLangServerClient]
     ) -> None:
-        payload = base64.b64decode(record["payload"])
+        """Tensor mode: tell every stage sender how many payloads to pickle per bucket (one per
+        server TP rank) and which of them go to which server."""
+        tp_sizes = await asyncio.gather(*(w.tp_size() for w in workers))
+        starts = [sum(tp_sizes[:i]) for i in range(len(workers))]
+        self._payload_slices = {
+            w.url: slice(start, start + size)
+            for w, start, size in zip(workers, starts, tp_sizes, strict=True)
+        }
+        for stage in range(self.num_stages):
+            self.store.set(_receivers_key(version, stage), str(sum(tp_sizes)))
+
+    async def _load_tensor(
+        self, worker: SGLangServerClient, stage: int, record: dict, version: int
+    ) -> None:
+        payloads = record["payloads"][self._payload_slices[worker.url]]
         await worker.update_weights_from_tensor(
-            payload, str(version), load_format="flattened_bucket"
+            [base64.b64decode(p) for p in payloads], str(version), load_format="flattened_bucket"
         )
 
     async def _form_update_groups(self) -> None:
