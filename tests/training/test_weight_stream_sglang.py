@@ -3,15 +3,17 @@ layout (TP2, PP2, EP2 on 2 ranks) and every mode (`distributed` over a gloo upda
 `disk` shards, `tensor` flattened buckets), with the sending ranks' memory bounded by the
 bucket.
 
-One CPU server (TP1) of a tiny Qwen3-MoE checkpoint (4 layers, 4 experts) serves the whole
-module; `weight_stream_worker.py` streams the weights the trainer loaded from that checkpoint
-(so its prefill log-probs must stay the same, bit for bit) and a control with the final norm
-scaled by 1% (which must change them, and the next sync restore them). Buckets of 16 KiB, far
-below each sender's shards (110-150 KiB), so every stage streams many buckets and the bound
-(16 KiB + 2 x 12 KiB: the TP2 embedding's gathered shards and their concatenation) is well
-below what a whole-stage gather holds. Measured on 2 cores: about a minute, most of it server
-start. Servers of TP size 2 (rank offsets 1 + the TP sizes before) are not covered here; the
-two-server case (offsets 1 and 2) is `tests/pipeline/test_sglang_client.py`.
+One CPU server of a tiny Qwen3-MoE checkpoint (4 layers, 4 experts) per server TP size (1,
+and 2: two scheduler ranks, each pinned to one core with `SGLANG_CPU_OMP_THREADS_BIND`, which
+SGLang's CPU backend asks for beyond one rank per NUMA node; its update groups have 3 ranks)
+serves every layout and mode; `weight_stream_worker.py` streams the weights the trainer
+loaded from that checkpoint (so its prefill log-probs must stay the same, bit for bit) and a
+control with the final norm scaled by 1% (which must change them, and the next sync restore
+them). Buckets of 16 KiB, far below each sender's shards (110-150 KiB), so every stage
+streams many buckets and the bound (16 KiB + 2 x 12 KiB: the TP2 embedding's gathered shards
+and their concatenation) is well below what a whole-stage gather holds. Measured on 2 cores:
+about a minute per server TP size, most of it the server's start; the two-server case (rank
+offsets 1 and 2) is `tests/pipeline/test_sglang_client.py`.
 """
 
 from __future__ import annotations
@@ -33,11 +35,18 @@ HERE = Path(__file__).resolve().parent
 BUCKET_BYTES = 16 * 2**10
 
 
-def test_streamed_sync_keeps_server_log_probs_in_every_layout_and_mode(tmp_path: Path) -> None:
+@pytest.mark.parametrize("server_tp", [1, 2])
+def test_streamed_sync_keeps_server_log_probs_in_every_layout_and_mode(
+    server_tp: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     source, out = tmp_path / "source", tmp_path / "result.json"
     make_hf_checkpoint("qwen3_moe", source, num_hidden_layers=4)
     options = EmbeddedFleetOptions(str(source), tmp_path / "logs", start_timeout_s=240.0)
-    with RolloutFleet(SERVER, options) as fleet:
+    server = SERVER
+    if server_tp > 1:
+        monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "|".join(map(str, range(server_tp))))
+        server = SERVER.model_copy(update={"server_args": (*SERVER.server_args, "--tp", "2")})
+    with RolloutFleet(server, options) as fleet:
         args = (str(source), fleet.worker_urls[0], str(BUCKET_BYTES), str(tmp_path), str(out))
         run_torchrun(HERE / "weight_stream_worker.py", *args, timeout=900)
     result = json.loads(out.read_text())
