@@ -6,19 +6,24 @@
              rank 0 starts the data plane (SGLang fleet, prompts, rewards, dynamic-sampling
              queue) on an asyncio loop in a background thread and restores its state; the
              fleet serves the policy's version (re-synced when resumed or in cluster mode).
-    step k:  rank 0   queue.next_batch(k) -> TrainBatch (generate, score, filter, advantages)
+    step k:  rank 0   queue.next_batch(k) -> TrainBatch (generate, score, filter, advantages);
+                      with overlap (`rollout.max_staleness >= 1`, not colocated) the fleet
+                      then gathers step k + 1's groups with version k while the trainer trains
              all      receive the TrainBatch (broadcast from rank 0)
              rank 0   colocated placement: the servers release their KV cache and weights
                       (resumed for the weight sync and the next generation)
              all      PolicyTrainer.train: pi_old recomputed by a forward pass over the batch
                       (`algorithm.old_log_probs`), then one optimizer step per mini-batch
+             rank 0   overlap: wait for step k + 1's groups (`DataPlane.finish_prefetch`)
              all      sync: each pipeline stage's sending rank streams its weights in HF
                       buckets (collective within the stage) while rank 0's data plane loads
                       them on the fleet as version k + 1 (`rollout.weight_sync`: shards on
-                      disk, update groups, or tensors; `pipeline.weight_sync`); metrics,
-                      progress and a summary line
+                      disk, update groups, or tensors; `pipeline.weight_sync`); metrics
+                      (with the trainer's and the fleet's idle time), progress and a summary
+                      line
              all      every `checkpoint.save_interval` steps: a run checkpoint
-                      (`run_checkpoint`: Megatron distributed checkpoint, RNG, queue state)
+                      (`run_checkpoint`: Megatron distributed checkpoint, RNG, queue state
+                      with the prefetched groups of the next step)
     end:     a run checkpoint; the fleet is stopped by PID.
 
 Launched without torchrun on one node, the command re-executes itself under
@@ -211,8 +216,10 @@ def run(config: RunConfig) -> None:
             sync_weights(first_step)  # the fleet must serve exactly this policy
         for version in range(first_step, steps):
             started = time.perf_counter()
-            batch, stats = data_plane.next_batch(version) if data_plane else (None, None)
+            batch = stats = None
             if data_plane is not None:
+                busy = data_plane.fleet_busy_seconds
+                batch, stats = data_plane.next_batch(version, prefetch_next=version + 1 < steps)
                 data_plane.before_training()  # colocated: the servers free the GPUs
             generated = time.perf_counter()
             batch = _broadcast_from_rank0(batch)
@@ -220,15 +227,20 @@ def run(config: RunConfig) -> None:
             if inspector is not None:
                 inspector.step()
             trained = time.perf_counter()
+            if data_plane is not None:
+                data_plane.finish_prefetch()  # overlap: step k + 1's groups all of version k
+            prefetched = time.perf_counter()
             sync_weights(version + 1)
             synced = time.perf_counter()
             if reporter is not None:
                 phases = {
                     "generate": generated - started,
                     "train": trained - generated,
-                    "weight_sync": synced - trained,
+                    "prefetch_wait": prefetched - trained,
+                    "weight_sync": synced - prefetched,
                 }
-                metrics = summarize_step(version, batch, stats, trained_batch, phases)
+                busy = data_plane.fleet_busy_seconds - busy
+                metrics = summarize_step(version, batch, stats, trained_batch, phases, busy)
                 reporter.report(metrics, stats)
             interval = config.checkpoint.save_interval
             if interval and (version + 1) % interval == 0 and version + 1 < steps:

@@ -22,9 +22,15 @@ One step (`next_batch`) needs `num_groups` kept groups of G responses each:
    (`pipeline.advantages`) and, with overlong filtering, no loss on truncated responses
    (`overlong_keep_mask`).
 
-Async mode: `start_prefetch()` starts the rounds of the next step while the trainer trains on
-the current batch; the samples then come from weights one version older, so async mode needs
-`max_staleness >= 1`. With dynamic sampling disabled every generated group is kept (one round).
+Async mode (overlap): `start_prefetch(k + 1)` runs step k + 1's eviction and rounds while the
+trainer trains step k, so those samples come from weights one version older: async mode needs
+`max_staleness >= 1`. `finish_prefetch()` waits for them (the data plane calls it before the
+weight sync, so every prefetched sample carries version k and the run stays reproducible);
+`next_batch(k + 1)` then packs the prefetched groups, topping them up if some were dropped.
+Between `finish_prefetch` and `next_batch` the finished prefetch is part of `state_dict` (its
+groups are in the carried ones, its `StepStats` belong to the next step), so a checkpoint
+taken there resumes exactly. With dynamic sampling disabled every generated group is kept (one
+round).
 """
 
 from __future__ import annotations
@@ -200,6 +206,13 @@ class DynamicSamplingQueue:
     """`reward.score_truncated`: how a response cut at the length limit is scored."""
     _ready: deque[ScoredGroup] = field(default_factory=deque, init=False)
     _prefetch: asyncio.Task[StepStats] | None = field(default=None, init=False)
+    """The running prefetch (async mode)."""
+    _prefetched: StepStats | None = field(default=None, init=False)
+    """What a finished prefetch did, for the next step's stats (its groups are in `_ready`)."""
+    _busy_seconds: float = field(default=0.0, init=False)
+    """Wall time the queue has spent in generation rounds, over the queue's life."""
+    _fill_began: float | None = field(default=None, init=False)
+    """When the running generation rounds began (`time.monotonic`); None = none running."""
     _next_group_id: int = field(default=0, init=False)
     _issued_groups: int = field(default=0, init=False)
     """Groups ever sent for generation; a group's index seeds its responses (deterministic)."""
@@ -240,25 +253,41 @@ class DynamicSamplingQueue:
         Raises:
             GenerationRoundsExceeded: more than `max_generation_rounds` rounds were needed.
         """
-        stats = StepStats()
-        if self._prefetch is not None:
-            task, self._prefetch = self._prefetch, None
-            stats.merge(await task)
-        stats.dropped_stale = self._evict_stale(policy_version)
-        stats.carried_in = len(self._ready)
-        stats.merge(await self._fill(self.num_groups, stats.generation_rounds))
+        await self.finish_prefetch()
+        prefetched, self._prefetched = self._prefetched, None
+        stats = await self._gather(policy_version, prefetched)
         groups = [self._ready.popleft() for _ in range(self.num_groups)]
         stats.carried_out = len(self._ready)
         self._keep_rate.end_step()
         self._record(stats, groups, policy_version)
         return self._pack(groups), stats
 
-    def start_prefetch(self) -> None:
-        """Async mode: start generating the next step's groups now (call after `next_batch`)."""
+    def start_prefetch(self, policy_version: int) -> None:
+        """Async mode: start gathering the groups of the batch for `policy_version` now (call
+        after `next_batch(policy_version - 1)`, while the fleet still serves that version)."""
         if not self.async_mode:
             raise RuntimeError("start_prefetch needs async_mode=True")
-        if self._prefetch is None:
-            self._prefetch = asyncio.create_task(self._fill(self.num_groups, 0))
+        if self._prefetch is not None or self._prefetched is not None:
+            raise RuntimeError("start_prefetch before the previous prefetch was taken")
+        self._prefetch = asyncio.create_task(self._gather(policy_version))
+
+    async def finish_prefetch(self) -> None:
+        """Wait for a running prefetch to end; no-op without one.
+
+        Raises what the prefetch raised (e.g. `GenerationRoundsExceeded`).
+        """
+        if self._prefetch is not None:
+            task = self._prefetch
+            await asyncio.wait({task})
+            self._prefetch = None
+            self._prefetched = task.result()
+
+    @property
+    def busy_seconds(self) -> float:
+        """Wall time spent in generation rounds so far (the fleet's busy time), including the
+        rounds running now."""
+        running = time.monotonic() - self._fill_began if self._fill_began is not None else 0.0
+        return self._busy_seconds + running
 
     async def close(self) -> None:
         """Cancel a running prefetch (its requests are aborted)."""
@@ -268,13 +297,15 @@ class DynamicSamplingQueue:
 
     def state_dict(self) -> dict[str, Any]:
         """What a restart needs: the prompt position, the carried groups (picklable objects;
-        save with `torch.save` / `pickle`), the group-id counter and the keep-rate estimate.
+        save with `torch.save` / `pickle`), the group-id counter, the keep-rate estimate and
+        the stats of a finished prefetch.
 
-        Raises RuntimeError while a prefetch is running (checkpoint between steps).
+        Raises RuntimeError while a prefetch is running (`finish_prefetch` first).
         """
         if self._prefetch is not None:
             raise RuntimeError("DynamicSamplingQueue.state_dict during a prefetch")
         return {
+            "prefetched": self._prefetched,
             "prompts": self.prompts.state_dict(),
             "carried": list(self._ready),
             "next_group_id": self._next_group_id,
@@ -288,6 +319,7 @@ class DynamicSamplingQueue:
         self._next_group_id = state["next_group_id"]
         self._issued_groups = state["issued_groups"]
         self._keep_rate.load_state_dict(state["keep_rate"])
+        self._prefetched = state.get("prefetched")
 
     def _evict_stale(self, policy_version: int) -> int:
         fresh = [
@@ -299,10 +331,21 @@ class DynamicSamplingQueue:
         self._ready = deque(fresh)
         return stale
 
+    async def _gather(self, policy_version: int, earlier: StepStats | None = None) -> StepStats:
+        """Drop the groups too stale for `policy_version` and run rounds until a batch is
+        ready; `earlier`: the stats of the prefetch this continues (updated and returned)."""
+        stats = earlier if earlier is not None else StepStats()
+        dropped_stale = self._evict_stale(policy_version)
+        if earlier is None:
+            stats.carried_in = len(self._ready)
+        stats.merge(await self._fill(self.num_groups, stats.generation_rounds))
+        stats.dropped_stale += dropped_stale
+        return stats
+
     async def _fill(self, target: int, rounds_done: int) -> StepStats:
         """Run generation rounds until `target` groups are ready."""
         stats = StepStats()
-        begin = time.monotonic()
+        begin = self._fill_began = time.monotonic()
         try:
             while len(self._ready) < target:
                 if rounds_done + stats.generation_rounds >= self.sampling.max_generation_rounds:
@@ -323,6 +366,8 @@ class DynamicSamplingQueue:
                     )
         finally:
             stats.generation_seconds = time.monotonic() - begin
+            self._busy_seconds += stats.generation_seconds
+            self._fill_began = None
         return stats
 
     def _rounds_message(self, target: int, stats: StepStats) -> str:
@@ -381,11 +426,12 @@ class DynamicSamplingQueue:
 
         Adds its own task to `scoring` once every response is in.
         """
-        generations = await asyncio.gather(
-            *(
-                self.engine.generate(prompt.input_ids, self._sample_params(group_index, sample))
+        generations = await self.engine.generate_group(
+            prompt.input_ids,
+            [
+                self._sample_params(group_index, sample)
                 for sample in range(self.rollout.n_samples_per_prompt)
-            )
+            ],
         )
         if any(g.finish_reason == ABORT_FINISH_REASON for g in generations):
             return None

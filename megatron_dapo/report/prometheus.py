@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 PREFIX = "dapo"
-STEP_PHASES = ("generate", "reward", "old_log_probs", "train", "weight_sync")
+STEP_PHASES = ("generate", "reward", "old_log_probs", "train", "prefetch_wait", "weight_sync")
 OVERLAPPING = ("reward",)
 """Phases that run during another phase (reward calls, during generation)."""
+TRAINER_IDLE_PHASES = ("generate", "prefetch_wait")
+"""Phases in which the trainer waits for the fleet's samples."""
 
 
 def step_wall_seconds(phase_seconds: Mapping[str, float]) -> float:
@@ -65,8 +67,14 @@ class StepMetrics:
     microbatches: int
     """Micro-batches per data-parallel rank, summed over the step's optimizer steps."""
     phase_seconds: Mapping[str, float] = field(default_factory=dict)
-    """Wall time per phase of the step; keys from `STEP_PHASES`. `reward` is the time of the
-    reward calls, which run while other groups generate (it overlaps `generate`)."""
+    """Wall time per phase of the step; keys from `STEP_PHASES`. `generate` is the time the
+    trainer waited for its batch (all of the generation when sequential, what the prefetch
+    did not cover with overlap); `prefetch_wait` the time it waited, with overlap, for the
+    next step's groups before the weight sync. `reward` is the time of the reward calls, which
+    run while other groups generate (it overlaps `generate`)."""
+    fleet_idle_seconds: float = 0.0
+    """Wall time of the step in which the fleet generated nothing for the queue (waiting for
+    the trainer and the weight sync)."""
     skipped_optimizer_steps: int = 0
     """Optimizer steps skipped for a non-finite loss or gradient (`training.on_nonfinite`)."""
     moe_aux_loss: float | None = None
@@ -88,6 +96,21 @@ class StepMetrics:
     def step_seconds(self) -> float:
         """Wall time of the step: its sequential phases (`reward` overlaps `generate`)."""
         return step_wall_seconds(self.phase_seconds)
+
+    @property
+    def trainer_idle_seconds(self) -> float:
+        """Wall time of the step in which the trainer waited for samples."""
+        return math.fsum(self.phase_seconds.get(p, 0.0) for p in TRAINER_IDLE_PHASES)
+
+    @property
+    def trainer_idle_ratio(self) -> float:
+        """`trainer_idle_seconds` as a share of the step."""
+        return self.trainer_idle_seconds / max(self.step_seconds, 1e-9)
+
+    @property
+    def fleet_idle_ratio(self) -> float:
+        """`fleet_idle_seconds` as a share of the step."""
+        return self.fleet_idle_seconds / max(self.step_seconds, 1e-9)
 
 
 class TrainerMetricsExporter:
@@ -112,6 +135,8 @@ class TrainerMetricsExporter:
         self._advantage = gauge("advantage", "Advantage statistics", "stat")
         self._throughput = gauge("tokens_per_second", "Token throughput", "phase")
         self._phase = gauge("step_phase_seconds", "Wall time of the last step by phase", "phase")
+        self._idle = gauge("idle_seconds", "Wall time of the last step spent waiting", "side")
+        self._idle_ratio = gauge("idle_ratio", "Share of the last step spent waiting", "side")
         self._padding = gauge("padding_ratio", "Padding share of the packed micro-batch rows")
         self._microbatches = gauge("microbatches", "Micro-batches per data-parallel rank in a step")
         self._grad_norm = gauge("grad_norm", "Global gradient norm before clipping")
@@ -171,6 +196,10 @@ class TrainerMetricsExporter:
             if phase not in STEP_PHASES:
                 raise ValueError(f"unknown step phase {phase!r}; expected one of {STEP_PHASES}")
             self._phase.labels(run, phase).set(seconds)
+        self._idle.labels(run, "trainer").set(m.trainer_idle_seconds)
+        self._idle.labels(run, "fleet").set(m.fleet_idle_seconds)
+        self._idle_ratio.labels(run, "trainer").set(m.trainer_idle_ratio)
+        self._idle_ratio.labels(run, "fleet").set(m.fleet_idle_ratio)
         self._padding.labels(run).set(m.padding_ratio)
         self._microbatches.labels(run).set(m.microbatches)
         self._grad_norm.labels(run).set(m.grad_norm)

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from megatron_dapo.config.schema import RunConfig
 from megatron_dapo.mcore.policy_step import TrainResult
-from megatron_dapo.report.prometheus import StepMetrics, TrainerMetricsExporter
+from megatron_dapo.report.prometheus import StepMetrics, TrainerMetricsExporter, step_wall_seconds
 from pipeline.dynamic_sampling import StepStats
 from pipeline.overlong import TRUNCATED_FINISH_REASON
 from pipeline.train_batch import TrainBatch
@@ -37,12 +37,17 @@ def run_summary(config: RunConfig) -> str:
         else f"SGLang at {rollout.router_url or ', '.join(rollout.server_urls)}"
     )
     correction = algorithm.rollout_correction
+    schedule = (
+        f"generation overlaps training (max_staleness {rollout.max_staleness})"
+        if rollout.overlaps_generation
+        else "generation, then training"
+    )
     return "\n".join(
         [
             f"policy: {model.num_layers} layers x {model.hidden_size} ({heads}{experts}), "
             f"{model.vocab_size} tokens, {model.params_dtype}, from {model.hf_checkpoint}",
             f"ranks: {config.launch.world_size} = TP {par.tensor} x PP {par.pipeline} x DP "
-            f"{config.data_parallel_size} (EP {par.expert}); fleet: {fleet}",
+            f"{config.data_parallel_size} (EP {par.expert}); fleet: {fleet}; {schedule}",
             f"objective: {algorithm.policy_loss} loss, {algorithm.advantage.estimator} advantages, "
             f"{algorithm.loss_aggregation}, eps {algorithm.eps_low}/{algorithm.eps_high}; pi_old "
             f"{algorithm.old_log_probs}, rollout correction {correction.mode}"
@@ -64,11 +69,14 @@ def summarize_step(
     stats: StepStats,
     trained: TrainResult,
     phase_seconds: Mapping[str, float],
+    fleet_busy_seconds: float,
 ) -> StepMetrics:
     """One RL step's metrics; per-token means are weighted by each optimizer step's tokens.
 
     `phase_seconds` holds the phases the loop timed; the forward-only passes inside `train`
     (pi_old recomputed, reference log-probs) are split off as the `old_log_probs` phase.
+    `fleet_busy_seconds`: the time the fleet generated during the step (the rest is its idle
+    time).
     """
     optimizer_steps = trained.optimizer_steps
     tokens = torch.tensor([float(o.num_loss_tokens) for o in optimizer_steps])
@@ -117,6 +125,7 @@ def summarize_step(
         padding_ratio=sum(o.padding_fraction for o in optimizer_steps) / len(optimizer_steps),
         microbatches=sum(o.num_microbatches for o in optimizer_steps),
         phase_seconds=phases,
+        fleet_idle_seconds=max(step_wall_seconds(phases) - fleet_busy_seconds, 0.0),
         skipped_optimizer_steps=sum(not o.update_successful for o in optimizer_steps),
         moe_aux_loss=sum(aux) / len(aux) if aux else None,
         moe_expert_load=tuple((load / load.sum()).tolist()) if load is not None else (),
@@ -129,9 +138,13 @@ def summarize_step(
 
 
 def step_record(m: StepMetrics, stats: StepStats) -> dict[str, object]:
-    """One line of `metrics.jsonl`: every `StepMetrics` field plus the queue's group counts."""
+    """One line of `metrics.jsonl`: every `StepMetrics` field, the idle times, and the queue's
+    group counts."""
     return {
         **dataclasses.asdict(m),
+        "trainer_idle_seconds": m.trainer_idle_seconds,
+        "trainer_idle_ratio": m.trainer_idle_ratio,
+        "fleet_idle_ratio": m.fleet_idle_ratio,
         "kept_groups": stats.kept,
         "generated_groups": stats.generated_groups,
         "generation_rounds": stats.generation_rounds,
@@ -204,7 +217,8 @@ class StepReporter:
             f"kept {kept}/{stats.generated_groups} groups in {stats.generation_rounds} rounds",
             f"gen {m.generation_tokens_per_second:.0f} tok/s train "
             f"{m.training_tokens_per_second:.0f} tok/s",
-            f"{m.step_seconds:.1f}s",
+            f"{m.step_seconds:.1f}s, idle trainer {m.trainer_idle_ratio:.0%} fleet "
+            f"{m.fleet_idle_ratio:.0%}",
             *problems,
         ]
         self._bar.write(" | ".join(parts))

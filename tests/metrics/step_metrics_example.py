@@ -38,6 +38,7 @@ def example_step_metrics(step: int = 3, **changes: object) -> StepMetrics:
             "train": 1.5,
             "weight_sync": 0.3,
         },
+        fleet_idle_seconds=2.0,
         moe_aux_loss=0.011,
         moe_expert_load=(0.3, 0.2, 0.25, 0.25),
         rollout_mismatch_kl=2e-4,

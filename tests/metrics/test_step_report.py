@@ -67,9 +67,8 @@ def test_summary_weights_token_means_and_reads_the_queue() -> None:
     stats = StepStats(generated_samples=8, correct_samples=2, generated_tokens=40)
     stats.generation_seconds, stats.reward_seconds = 4.0, 1.5
     steps = [_optimizer_step(30, 2.0, 0.1, 0.4, 0.2), _optimizer_step(10, 1.0, 0.5, 0.2)]
-    m = summarize_step(
-        5, _batch(), stats, TrainResult(steps, None, None), {"generate": 4.0, "train": 2.0}
-    )
+    phases = {"generate": 3.0, "train": 2.0, "prefetch_wait": 1.0}
+    m = summarize_step(5, _batch(), stats, TrainResult(steps, None, None), phases, 4.5)
     assert m.step == 5
     assert m.entropy == pytest.approx((30 * 2.0 + 10 * 1.0) / 40)
     assert m.clip_fraction_high == pytest.approx((30 * 0.1 + 10 * 0.5) / 40)
@@ -82,8 +81,11 @@ def test_summary_weights_token_means_and_reads_the_queue() -> None:
     assert m.generation_tokens_per_second == pytest.approx(10.0)
     assert m.training_tokens_per_second == pytest.approx(7 / 2.0)
     assert m.moe_expert_load == pytest.approx((10 / 16, 6 / 16))  # summed over layers and steps
-    assert m.phase_seconds == {"generate": 4.0, "train": 2.0, "reward": 1.5}
+    assert m.phase_seconds == {**phases, "reward": 1.5}
     assert m.step_seconds == 6.0  # reward calls overlap generation
+    # the trainer waited for its batch and for the prefetch; the fleet generated 4.5 s of 6
+    assert (m.trainer_idle_seconds, m.trainer_idle_ratio) == (4.0, pytest.approx(4 / 6))
+    assert (m.fleet_idle_seconds, m.fleet_idle_ratio) == (1.5, pytest.approx(0.25))
     assert m.rollout_mismatch_kl is None  # pi_old is the rollout's
     assert m.reference_kl is None  # no reference policy
 
@@ -95,7 +97,7 @@ def test_summary_weights_the_reference_kl_and_splits_off_its_forward_pass() -> N
         _optimizer_step(10, 1.0, 0.5, 0.2, reference_kl=0.06),
     ]
     trained = TrainResult(steps, None, 0.25)
-    m = summarize_step(0, _batch(), StepStats(), trained, {"generate": 4.0, "train": 2.0})
+    m = summarize_step(0, _batch(), StepStats(), trained, {"generate": 4.0, "train": 2.0}, 4.0)
     assert m.reference_kl == pytest.approx((30 * 0.02 + 10 * 0.06) / 40)
     assert m.phase_seconds["old_log_probs"] == 0.25 and m.phase_seconds["train"] == 1.75
     assert m.rollout_mismatch_kl is None
@@ -107,7 +109,7 @@ def test_summary_splits_off_the_old_log_prob_pass_and_reports_the_mismatch() -> 
         torch.tensor([0.004, 0.4, 2.0, 8.0], dtype=torch.float64), torch.tensor(0.2)
     )
     trained = TrainResult([_optimizer_step(30, 2.0, 0.1, 0.4)], mismatch, 0.5)
-    m = summarize_step(0, _batch(), StepStats(), trained, {"generate": 4.0, "train": 2.0})
+    m = summarize_step(0, _batch(), StepStats(), trained, {"generate": 4.0, "train": 2.0}, 4.0)
     assert m.phase_seconds == {"generate": 4.0, "train": 1.5, "old_log_probs": 0.5, "reward": 0.0}
     assert m.training_tokens_per_second == pytest.approx(7 / 1.5)
     assert m.rollout_mismatch_kl == pytest.approx(0.0005)

@@ -35,6 +35,9 @@ def test_record_sets_every_series() -> None:
     assert value("dapo_advantage", stat="min") == -1.7
     assert value("dapo_tokens_per_second", phase="generate") == 150.0
     assert value("dapo_step_phase_seconds", phase="weight_sync") == 0.3
+    assert value("dapo_idle_seconds", side="trainer") == 4.0  # waiting for the batch
+    assert value("dapo_idle_seconds", side="fleet") == 2.0
+    assert value("dapo_idle_ratio", side="fleet") == pytest.approx(2.0 / 6.2)
     assert value("dapo_moe_expert_load_ratio", expert="0") == 0.3
     assert value("dapo_trained_tokens_total") == 2000  # a counter: both steps add up
 

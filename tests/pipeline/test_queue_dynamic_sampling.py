@@ -13,6 +13,7 @@ import math
 import pickle
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 import torch
@@ -65,6 +66,12 @@ class ScriptedEngine:
         self.weight_version = 0
         self.calls: Counter[int] = Counter()
         self.cancelled = 0
+
+    async def generate_group(
+        self, input_ids: Sequence[int], params: Sequence[SamplingParams]
+    ) -> list[Generation]:
+        """The group's samples, one `generate` each."""
+        return list(await asyncio.gather(*(self.generate(input_ids, p) for p in params)))
 
     async def generate(self, input_ids: Sequence[int], params: SamplingParams) -> Generation:
         row = input_ids[0]
@@ -381,9 +388,12 @@ def test_async_mode_overlaps_generation_with_training_within_staleness():
 
     async def steps():
         first = await queue.next_batch(0)
-        queue.start_prefetch()
+        busy = queue.busy_seconds
+        queue.start_prefetch(1)
         await asyncio.sleep(0.05)  # "training" step 0 while the next groups generate
         generated_while_training = sum(engine.calls.values())
+        await queue.finish_prefetch()
+        assert queue.busy_seconds > busy
         engine.weight_version = 1  # weight sync after the training step
         second = await queue.next_batch(1)
         await queue.close()
@@ -394,6 +404,40 @@ def test_async_mode_overlaps_generation_with_training_within_staleness():
     assert batch2.weight_versions.tolist() == [0] * (2 * G)
     assert (s2.generation_rounds, s2.dropped_stale) == (1, 0)
     assert queue_sample(queue, "dapo_queue_staleness_sum") == 2 * G
+
+
+def test_a_finished_prefetch_is_checkpointed_and_resumes_exactly():
+    """Step 1's groups were prefetched (rows 4..7: row 5 aborted, one kept group beyond the
+    batch); a queue restored there packs the same batch with the same counts as the original,
+    without generating again."""
+    script = {0: WRONG, 2: RIGHT}
+    original = make_queue(
+        ScriptedEngine(script, gated=[5]), async_mode=True, max_staleness=1, oversample=2.0
+    )
+
+    async def prefetch() -> dict:
+        await original.next_batch(0)  # rows 0..3: 1 and 3 kept
+        original.start_prefetch(1)
+        with pytest.raises(RuntimeError, match="during a prefetch"):
+            original.state_dict()
+        await original.finish_prefetch()
+        return pickle.loads(pickle.dumps(original.state_dict()))
+
+    state = asyncio.run(prefetch())
+    resumed = make_queue(ScriptedEngine(script), async_mode=True, max_staleness=1)
+    resumed.load_state_dict(state)
+    drawn = sum(resumed.engine.calls.values())
+    results = []
+    for queue in (original, resumed):
+        queue.engine.weight_version = 1
+        batch, stats = asyncio.run(queue.next_batch(1))
+        timeless = replace(stats, generation_seconds=0.0, reward_seconds=0.0)
+        results.append((batch.metadata, batch.weight_versions.tolist(), timeless))
+    assert results[0] == results[1]
+    assert sum(resumed.engine.calls.values()) == drawn, "the prefetched groups were not redone"
+    _, versions, stats = results[0]
+    assert versions == [0] * (2 * G)
+    assert (stats.generation_rounds, stats.aborted, stats.carried_out) == (1, 1, 1)
 
 
 def test_overlong_prompts_are_skipped_and_counted_per_step():
