@@ -8,7 +8,8 @@ composes them into the run configuration. Lengths are in tokens, times in second
 from __future__ import annotations
 
 import string
-from typing import Any, Literal
+from abc import abstractmethod
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -54,7 +55,12 @@ class RolloutConfig(Section):
     top_k: int = Field(-1, ge=-1)
     """-1 disables top-k."""
     max_inflight_per_server: int = Field(64, ge=1)
-    """Back-pressure: at most this many generate requests outstanding per server."""
+    """Back-pressure: at most this many samples outstanding per server (a group of G samples
+    is one request holding G of them); behind a router, this times the live workers."""
+    threads_per_server: int | None = Field(None, ge=1)
+    """Embedded mode: OpenMP/MKL threads of each server process (SGLang's CPU backend computes
+    with torch's intra-op threads; it pins them to cores itself only on AMX or arm64 CPUs);
+    None = the usable cores divided among the servers."""
     request_timeout_s: float = Field(3600.0, gt=0.0)
     max_retries: int = Field(3, ge=0)
     revival_timeout_s: float = Field(3600.0, ge=0.0)
@@ -140,29 +146,25 @@ class RolloutConfig(Section):
             )
 
 
-class DataConfig(Section):
-    """Where prompts come from and how they are read."""
+class RowSourceConfig(Section):
+    """Where rows of chats come from and how their prompts are rendered: the fields the RL
+    prompts (`DataConfig`) and the supervised pairs (`SFTDataConfig`) share. `section` names
+    the config section in messages."""
 
+    section: ClassVar[str] = "data"
     source: Literal["jsonl", "parquet", "reasoning_gym"] = "jsonl"
     path: str | None = None
-    """jsonl/parquet: path to the prompt file."""
+    """jsonl/parquet: path to the file."""
     task: str | None = None
     """reasoning_gym: the procedural task name (e.g. `basic_arithmetic`)."""
     task_size: int = Field(10000, ge=1)
-    """reasoning_gym: how many procedural prompts the dataset holds."""
+    """reasoning_gym: how many procedural rows the dataset holds."""
     task_options: dict[str, Any] = Field(default_factory=dict)
     """reasoning_gym: keyword arguments of the task's dataset config (e.g. digits, operators)."""
-    max_answer_chars: int | None = Field(None, ge=1)
-    """Keep only rows whose reference answer has at most this many characters."""
-    prompt_key: str = "prompt"
-    answer_key: str = "reward_model.ground_truth"
-    """Dotted path of the reference answer in a row (DAPO-Math-17k layout by default)."""
     prompt_template: str | None = None
     """Rewrites the last user message of every row as `prompt_template.format(prompt=...)`,
     e.g. to add the answer format a reward expects; `{prompt}` must appear once, and no other
     field (`{{` / `}}` for literal braces)."""
-    max_prompt_length: int = Field(2048, ge=1)
-    """Prompts longer than this (in tokens, after the chat template) are counted and skipped."""
     apply_chat_template: bool = True
     shuffle: bool = True
     seed: int = 1
@@ -180,12 +182,70 @@ class DataConfig(Section):
         return template
 
     @model_validator(mode="after")
-    def _check_source(self) -> DataConfig:
+    def _check_source(self) -> RowSourceConfig:
         if self.source in ("jsonl", "parquet") and not self.path:
-            raise ValueError(f"data.source={self.source!r} needs data.path")
+            raise ValueError(f"{self.section}.source={self.source!r} needs {self.section}.path")
         if self.source == "reasoning_gym" and not self.task:
-            raise ValueError("data.source='reasoning_gym' needs data.task")
+            raise ValueError(f"{self.section}.source='reasoning_gym' needs {self.section}.task")
         return self
+
+    @abstractmethod
+    def row_keys(self) -> tuple[str, str]:
+        """(prompt, answer) dotted field paths of a row of this source."""
+
+    @abstractmethod
+    def describe_keys(self) -> str:
+        """The configured field paths, as the messages about malformed rows name them."""
+
+
+class DataConfig(RowSourceConfig):
+    """Where prompts come from and how they are read."""
+
+    max_answer_chars: int | None = Field(None, ge=1)
+    """Keep only rows whose reference answer has at most this many characters."""
+    prompt_key: str = "prompt"
+    answer_key: str = "reward_model.ground_truth"
+    """Dotted path of the reference answer in a row (DAPO-Math-17k layout by default)."""
+    max_prompt_length: int = Field(2048, ge=1)
+    """Prompts longer than this (in tokens, after the chat template) are counted and skipped."""
+
+    def row_keys(self) -> tuple[str, str]:
+        """A file's `prompt_key` / `answer_key`; a reasoning-gym item's question and answer."""
+        if self.source == "reasoning_gym":
+            return "question", "answer"
+        return self.prompt_key, self.answer_key
+
+    def describe_keys(self) -> str:
+        return f"data.prompt_key={self.prompt_key!r}, data.answer_key={self.answer_key!r}"
+
+
+class SFTDataConfig(RowSourceConfig):
+    """The prompt/response pairs of supervised fine-tuning (`megatron-dapo sft`): a prompt
+    rendered as the RL prompts are (chat template, `prompt_template`), and the response the
+    policy learns to write after it."""
+
+    section: ClassVar[str] = "sft.data"
+    prompt_key: str | None = None
+    """Dotted path of the prompt (a string or a list of role/content messages); None = `prompt`
+    in a file, `question` in a reasoning-gym item."""
+    response_key: str | None = None
+    """Dotted path of the response text (a string or a number); None = `response` in a file,
+    `answer` in a reasoning-gym item (name a task's worked solution, e.g.
+    `metadata.solution`, where it has one)."""
+    max_length: int = Field(2048, ge=2)
+    """Pairs longer than this (prompt + response tokens, after the chat template and the
+    end-of-turn token) are counted and skipped."""
+
+    def row_keys(self) -> tuple[str, str]:
+        gym = self.source == "reasoning_gym"
+        return (
+            self.prompt_key or ("question" if gym else "prompt"),
+            self.response_key or ("answer" if gym else "response"),
+        )
+
+    def describe_keys(self) -> str:
+        prompt, response = self.row_keys()
+        return f"sft.data.prompt_key={prompt!r}, sft.data.response_key={response!r}"
 
 
 class OverlongConfig(Section):

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, RowSourceConfig
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _parse_row(row: Any, prompt_key: str, answer_key: str) -> PromptRow:
     )
 
 
-def _file_records(config: DataConfig) -> Iterator[tuple[str, Any]]:
+def _file_records(config: RowSourceConfig) -> Iterator[tuple[str, Any]]:
     """(location, record) of every record of the file: a parquet row, or a jsonl line's text
     (blank lines skipped)."""
     assert config.path is not None
@@ -148,27 +148,28 @@ def _decode_json(line: str) -> Any:
         raise _BadField(f"invalid JSON ({error.msg} at column {error.colno})") from error
 
 
-def _read_file(config: DataConfig) -> list[PromptRow]:
+def _read_file(config: RowSourceConfig) -> list[PromptRow]:
+    prompt_key, answer_key = config.row_keys()
     rows: list[PromptRow] = []
     problems: list[str] = []
     for where, record in _file_records(config):
         try:
             row = _decode_json(record) if config.source == "jsonl" else record
-            rows.append(_parse_row(row, config.prompt_key, config.answer_key))
+            rows.append(_parse_row(row, prompt_key, answer_key))
         except _BadField as error:
             problems.append(f"{where}: {error}")
     if problems:
         listed = "\n  ".join(problems[:MAX_REPORTED_ROWS])
         raise MalformedPromptData(
-            f"{len(problems)} malformed row(s) in {config.path} (data.prompt_key="
-            f"{config.prompt_key!r}, data.answer_key={config.answer_key!r}):\n  {listed}"
+            f"{len(problems)} malformed row(s) in {config.path} ({config.describe_keys()}):"
+            f"\n  {listed}"
         )
     return rows
 
 
-def load_rows(config: DataConfig) -> list[PromptRow]:
-    """Read every row of the configured source (no network), keeping those whose answer fits
-    `max_answer_chars`.
+def read_rows(config: RowSourceConfig) -> list[PromptRow]:
+    """Every row of the configured source (no network): its prompt (rewritten by
+    `prompt_template` if set) and its answer, from the fields `config.row_keys()` names.
 
     Raises:
         MalformedPromptData: a file has malformed rows (see the module docstring).
@@ -180,13 +181,23 @@ def load_rows(config: DataConfig) -> list[PromptRow]:
         dataset = reasoning_gym.create_dataset(
             config.task, size=config.task_size, seed=config.seed, **config.task_options
         )
-        rows = [_parse_row(item, "question", "answer") for item in dataset]
+        rows = [_parse_row(item, *config.row_keys()) for item in dataset]
     else:
         rows = _read_file(config)
-    if config.max_answer_chars is not None:
-        rows = [row for row in rows if len(row.ground_truth) <= config.max_answer_chars]
     if config.prompt_template is not None:
         rows = [_with_template(row, config.prompt_template) for row in rows]
+    return rows
+
+
+def load_rows(config: DataConfig) -> list[PromptRow]:
+    """The RL prompts (`read_rows`) whose answer fits `max_answer_chars`.
+
+    Raises:
+        MalformedPromptData: a file has malformed rows (see the module docstring).
+    """
+    rows = read_rows(config)
+    if config.max_answer_chars is not None:
+        rows = [row for row in rows if len(row.ground_truth) <= config.max_answer_chars]
     return rows
 
 
@@ -199,6 +210,28 @@ def _with_template(row: PromptRow, template: str) -> PromptRow:
     messages = [dict(m) for m in row.messages]
     messages[last_user]["content"] = template.format(prompt=messages[last_user]["content"])
     return PromptRow(messages, row.ground_truth)
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """The row indices of one epoch: a permutation seeded by `seed + epoch`, or file order."""
+    if not shuffle:
+        return list(range(num_rows))
+    generator = torch.Generator().manual_seed(seed + epoch)
+    return torch.randperm(num_rows, generator=generator).tolist()
+
+
+def prompt_token_ids(
+    tokenizer: ChatTokenizer, messages: Messages, apply_chat_template: bool
+) -> list[int]:
+    """A prompt's token ids as the policy sees them: the chat template with the assistant's
+    generation header, or (without a template) the message contents concatenated and encoded."""
+    if apply_chat_template:
+        return list(
+            tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
+    return list(tokenizer.encode("".join(m["content"] for m in messages)))
 
 
 class PromptSource:
@@ -247,19 +280,10 @@ class PromptSource:
         )
 
     def _epoch_order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(len(self.rows)))
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return torch.randperm(len(self.rows), generator=generator).tolist()
+        return epoch_order(len(self.rows), self.seed, self.epoch, self.shuffle)
 
     def tokenize(self, row: PromptRow) -> list[int]:
-        if self.apply_chat_template:
-            return list(
-                self.tokenizer.apply_chat_template(
-                    row.messages, add_generation_prompt=True, tokenize=True, return_dict=False
-                )
-            )
-        return list(self.tokenizer.encode("".join(m["content"] for m in row.messages)))
+        return prompt_token_ids(self.tokenizer, row.messages, self.apply_chat_template)
 
     def _advance(self) -> int:
         if self.cursor == len(self._order):
