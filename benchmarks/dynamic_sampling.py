@@ -75,6 +75,12 @@ class SimulatedEngine:
         self.samples_started: dict[int, int] = {}
         self.generated = 0
 
+    async def generate_group(
+        self, input_ids: Sequence[int], params: Sequence[SamplingParams]
+    ) -> list[Generation]:
+        """The group's samples, one `generate` each."""
+        return list(await asyncio.gather(*(self.generate(input_ids, p) for p in params)))
+
     def _row_kind(self, row: int) -> str:
         rng = random.Random(self.seed * 1_000_003 + row)
         if rng.random() < self.acceptance:

@@ -49,6 +49,16 @@ logger = logging.getLogger(__name__)
 
 PORT_CLASH_RETRIES = 3
 _PORT_CLASH = "address already in use"
+CONTROL_CONNECTIONS = 4
+"""Connections per server beyond its generation slots: health probes, aborts, weight updates."""
+
+
+def server_threads(config: RolloutConfig) -> int:
+    """OMP/MKL threads of each embedded server: `rollout.threads_per_server`, or the cores this
+    process may use divided among the servers (at least 1)."""
+    if config.threads_per_server is not None:
+        return config.threads_per_server
+    return max(1, len(os.sched_getaffinity(0)) // config.num_servers)
 
 
 @dataclass(frozen=True)
@@ -60,7 +70,6 @@ class EmbeddedFleetOptions:
         log_dir: one `<name>.log` per process.
         start_timeout_s: deadline for all servers to become healthy, seconds.
         cpu_defaults: prepend `cpu_server_args(sample_tokens)` to the configured `server_args`.
-        threads_per_server: OMP/MKL threads of each server process.
         dtype: the policy's parameter dtype, served as such (`sglang_dtype_args`); None =
             SGLang's choice. `server_args` may still override it.
     """
@@ -69,7 +78,6 @@ class EmbeddedFleetOptions:
     log_dir: Path
     start_timeout_s: float = 300.0
     cpu_defaults: bool = True
-    threads_per_server: int = 1
     sample_tokens: int = 0
     """The longest request the run sends (`sample_token_budget`): CPU servers get a KV pool
     that holds it, so SGLang never lowers `max_new_tokens` below the configured length."""
@@ -143,7 +151,7 @@ class RolloutFleet:
 
     def _spawn_server(self, index: int, options: EmbeddedFleetOptions) -> ManagedProcess:
         """Start embedded server `index` on a free port; its URL goes to `worker_urls[index]`."""
-        threads = str(options.threads_per_server)
+        threads = str(server_threads(self.config))
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         extra = (
             *self._placement_args[index],
@@ -192,6 +200,21 @@ class RolloutFleet:
         for process in reversed(self.processes):
             process.stop()
         atexit.unregister(self.stop)
+
+    def session(self) -> aiohttp.ClientSession:
+        """An HTTP session whose connection limits follow the fleet: per host, a server's
+        `max_inflight_per_server` slots (behind a router, those of every worker) plus
+        `CONTROL_CONNECTIONS`; in all, every host's (aiohttp's default caps a whole fleet at
+        100 connections)."""
+        hosts = len(self.worker_urls) + (self.router_url is not None)
+        per_host = self.config.max_inflight_per_server * (
+            len(self.worker_urls) if self.router_url else 1
+        )
+        connector = aiohttp.TCPConnector(
+            limit=hosts * (per_host + CONTROL_CONNECTIONS),
+            limit_per_host=per_host + CONTROL_CONNECTIONS,
+        )
+        return aiohttp.ClientSession(connector=connector)
 
     def client(
         self,

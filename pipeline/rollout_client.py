@@ -1,11 +1,13 @@
 """The rollout fleet seen as one generation engine: dispatch, failover, revival, pause for
 weight sync.
 
-`RolloutClient.generate` sends each request to the live server with the fewest requests
-outstanding (each server client bounds its own in-flight requests, so callers queue here when
-the fleet is saturated). When a server stops answering, its requests are re-issued on the
-other servers: every `generate` call returns exactly one response, so no sample is lost or
-counted twice. A cancelled `generate` aborts its request on the server. A server that fails
+`RolloutClient.generate_group` sends the G samples of a prompt as one request to the live
+server with the fewest samples outstanding (each server client bounds its own in-flight
+samples, so callers queue here when the fleet is saturated); in router mode the router client's
+bound is `max_inflight` of a worker times the live workers. When a server stops answering, its
+requests are re-issued, whole, on the other servers: every call returns exactly its G
+responses, so no sample is lost or counted twice. A cancelled call aborts its samples on the
+server. A server that fails
 during a weight update is dropped from the fleet like one that fails during generation.
 
 A failed server is re-probed in the background (`/health`, with exponential backoff, for at
@@ -39,6 +41,7 @@ from pipeline.sglang_client import (
     ServerRequestError,
     ServerUnavailable,
     SGLangServerClient,
+    sample_rids,
 )
 
 logger = logging.getLogger(__name__)
@@ -49,8 +52,11 @@ class RolloutEngine(Protocol):
 
     weight_version: int
 
-    async def generate(self, input_ids: Sequence[int], params: SamplingParams) -> Generation:
-        """One response to `input_ids`, tagged with the generating `weight_version`."""
+    async def generate_group(
+        self, input_ids: Sequence[int], params: Sequence[SamplingParams]
+    ) -> list[Generation]:
+        """`len(params)` responses to `input_ids`, the i-th sampled with `params[i]`, each
+        tagged with the generating `weight_version`."""
         ...
 
 
@@ -110,7 +116,14 @@ class RolloutClient:
         self._active = 0
         self._state = asyncio.Condition()
         self._weights_lock = asyncio.Lock()
-        self.metrics.live_servers.set(len(self.workers))
+        self._live_changed()
+
+    def _live_changed(self) -> None:
+        """Export the live worker count and size the router's in-flight bound by it."""
+        live = self.live_workers
+        self.metrics.live_servers.set(len(live))
+        if self.router is not None:
+            self.router.slots.capacity = max(1, sum(w.max_inflight for w in live))
 
     async def check_request_capacity(self, sample_tokens: int) -> None:
         """Every worker can serve a request of `sample_tokens` tokens (`sample_token_budget`)
@@ -170,7 +183,7 @@ class RolloutClient:
             return
         self._dead.add(server.url)
         self.metrics.server_failures.labels(server.url).inc()
-        self.metrics.live_servers.set(len(self.live_workers))
+        self._live_changed()
         logger.warning(
             "rollout server %s failed (%s); %d of %d servers left",
             server.url,
@@ -241,7 +254,7 @@ class RolloutClient:
     def _readmit(self, server: SGLangServerClient, down_s: float) -> None:
         self._dead.discard(server.url)
         self.metrics.server_revivals.labels(server.url).inc()
-        self.metrics.live_servers.set(len(self.live_workers))
+        self._live_changed()
         logger.warning(
             "rollout server %s is back after %.1f s (weight version %d): re-admitted",
             server.url,
@@ -261,7 +274,15 @@ class RolloutClient:
         await asyncio.gather(*probes, return_exceptions=True)
 
     async def generate(self, input_ids: Sequence[int], params: SamplingParams) -> Generation:
-        """One response to `input_ids` ([P] token ids), re-issued elsewhere if its server dies.
+        """One response to `input_ids` ([P] token ids): `generate_group` of one sample."""
+        (generation,) = await self.generate_group(input_ids, [params])
+        return generation
+
+    async def generate_group(
+        self, input_ids: Sequence[int], params: Sequence[SamplingParams]
+    ) -> list[Generation]:
+        """`len(params)` responses to `input_ids` ([P] token ids), the i-th sampled with
+        `params[i]`, in one request; re-issued whole elsewhere if its server dies.
 
         Waits while weights are being updated, and while no server is live but some are
         being re-probed. Raises `NoLiveServer` when no server is left.
@@ -275,19 +296,21 @@ class RolloutClient:
                 version = self.weight_version
                 rid = uuid.uuid4().hex
                 try:
-                    generation = await server.generate(input_ids, params, rid=rid)
+                    generations = await server.generate_group(input_ids, params, rid=rid)
                 except ServerUnavailable as error:
                     self._mark_dead(server, error)
                     self.metrics.reissued_requests.inc()
                     continue
                 except asyncio.CancelledError:
-                    await asyncio.shield(self._abort_quietly(rid))
+                    await asyncio.shield(self._abort_quietly(sample_rids(rid, len(params))))
                     raise
-                return replace(generation, weight_version=version)
+                return [replace(g, weight_version=version) for g in generations]
 
-    async def _abort_quietly(self, rid: str) -> None:
-        """Abort `rid` on every live worker (the router does not forward aborts)."""
-        await asyncio.gather(*(w.abort(rid) for w in self.live_workers), return_exceptions=True)
+    async def _abort_quietly(self, rids: Sequence[str]) -> None:
+        """Abort requests `rids` on every live worker (the router does not forward aborts)."""
+        await asyncio.gather(
+            *(w.abort(rid) for w in self.live_workers for rid in rids), return_exceptions=True
+        )
 
     async def abort_all(self) -> None:
         """Abort every request on every live worker."""

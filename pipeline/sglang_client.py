@@ -2,14 +2,16 @@
 
 `SGLangServerClient` speaks to one server: `/generate` with token ids and per-token sampling
 log-probs (or, prefill only, the log-probs of a given sequence), `/abort_request`,
-`/flush_cache`, `/health_generate`, and the weight-update endpoints. It bounds the requests
-outstanding on its server (back-pressure), applies a per-request timeout, and retries timeouts
-and 5xx answers with exponential backoff. A connection failure on a server that no longer
-answers `/health` raises `ServerUnavailable` at once, so the fleet (`pipeline.rollout_client`)
-can re-issue the request elsewhere. A 2xx answer that does not follow the `/generate` schema
-raises `MalformedResponse` naming the server and the problem, without retrying (such a server
-is broken or of another version, not busy). With `routing` set (MoE routing replay) every
-generation also asks for the experts the server routed each token to.
+`/flush_cache`, `/health_generate`, and the weight-update endpoints. A group of responses to one
+prompt is one batched `/generate` request (a list of G copies of the prompt, each with its own
+sampling parameters and seed; SGLang answers a list in the same order). The client bounds the
+samples outstanding on its server (back-pressure: a group holds one slot per sample), applies a
+per-request timeout, and retries timeouts and 5xx answers with exponential backoff. A connection
+failure on a server that no longer answers `/health` raises `ServerUnavailable` at once, so the
+fleet (`pipeline.rollout_client`) can re-issue the request elsewhere. A 2xx answer that does not
+follow the `/generate` schema raises `MalformedResponse` naming the server and the problem,
+without retrying (such a server is broken or of another version, not busy). With `routing` set
+(MoE routing replay) every generation also asks for the experts the server routed each token to.
 
 Schemas: `sglang/srt/managers/io_struct.py` (`GenerateReqInput`, `UpdateWeightFromDiskReqInput`,
 `InitWeightsUpdateGroupReqInput`, `UpdateWeightsFromDistributedReqInput`,
@@ -23,7 +25,8 @@ import asyncio
 import base64
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -185,6 +188,40 @@ class RetryPolicy:
         return min(self.backoff_s * 2**attempt, self.max_backoff_s)
 
 
+def sample_rids(rid: str, count: int) -> list[str]:
+    """The request ids of the `count` samples of group request `rid` (SGLang aborts by exact
+    request id, so a group is aborted sample by sample)."""
+    return [f"{rid}-{index}" for index in range(count)]
+
+
+class Slots:
+    """A counting limit whose holders take several units at once (a group request holds one
+    per sample); `capacity` may change while held (the router's follows the live workers)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        """Units that may be held at once; waiters see a change at the next release."""
+        self.used = 0
+        self._released = asyncio.Condition()
+
+    @asynccontextmanager
+    async def hold(self, units: int) -> AsyncIterator[None]:
+        """Hold `units` (at most the whole capacity, so a group larger than it still runs,
+        alone) for the block."""
+        async with self._released:
+            await self._released.wait_for(
+                lambda: self.used + min(units, self.capacity) <= self.capacity
+            )
+            taken = min(units, self.capacity)
+            self.used += taken
+        try:
+            yield
+        finally:
+            async with self._released:
+                self.used -= taken
+                self._released.notify_all()
+
+
 @dataclass
 class SGLangServerClient:
     """HTTP client of one SGLang server; share one `aiohttp.ClientSession` across servers.
@@ -192,7 +229,9 @@ class SGLangServerClient:
     Args:
         url: base URL, e.g. `http://127.0.0.1:30000`.
         session: the aiohttp session (owned by the caller).
-        max_inflight: back-pressure, the most generate requests outstanding at once.
+        max_inflight: back-pressure, the most samples outstanding at once (a group request
+            holds one slot per sample; the router client's follows the live workers, see
+            `RolloutClient`).
         timeout_s: limit of one HTTP call, seconds.
         retry: retry policy of timeouts and 5xx answers.
         metrics: fleet metrics to update (a private registry when not given).
@@ -209,11 +248,12 @@ class SGLangServerClient:
     metrics: FleetMetrics = field(default_factory=FleetMetrics)
     routing: ExpertRouting | None = None
     inflight: int = field(default=0, init=False)
+    """Samples outstanding on this server."""
     _tp_size: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
-        self._slots = asyncio.Semaphore(self.max_inflight)
+        self.slots = Slots(self.max_inflight)
 
     async def is_alive(self) -> bool:
         """True if GET `/health` answers 200 within 5 s."""
@@ -267,52 +307,76 @@ class SGLangServerClient:
             await asyncio.sleep(self.retry.delay(attempt))
             attempt += 1
 
-    async def _post_generate(self, payload: dict[str, Any]) -> Any:
-        """POST `/generate` once a slot is free (counted as in flight meanwhile)."""
-        async with self._slots:
-            self.inflight += 1
+    async def _post_generate(self, payload: dict[str, Any], samples: int) -> Any:
+        """POST `/generate` of `samples` samples once their slots are free (counted as in
+        flight meanwhile: `inflight` in samples, the metric in requests)."""
+        async with self.slots.hold(samples):
+            self.inflight += samples
             self.metrics.inflight_requests.labels(self.url).inc()
             try:
                 return await self._post("/generate", payload)
             finally:
-                self.inflight -= 1
+                self.inflight -= samples
                 self.metrics.inflight_requests.labels(self.url).dec()
 
     async def generate(
         self, input_ids: Sequence[int], params: SamplingParams, rid: str | None = None
     ) -> Generation:
-        """Generate one response to `input_ids` ([P] token ids), waiting for a free slot.
+        """One response to `input_ids` ([P] token ids): `generate_group` of one sample."""
+        (generation,) = await self.generate_group(input_ids, [params], rid)
+        return generation
+
+    async def generate_group(
+        self, input_ids: Sequence[int], params: Sequence[SamplingParams], rid: str | None = None
+    ) -> list[Generation]:
+        """`len(params)` responses to `input_ids` ([P] token ids), the i-th sampled with
+        `params[i]`, in one `/generate` request (request ids `sample_rids(rid, G)`), waiting
+        for a slot per sample.
 
         Raises:
             ServerRequestError: the server refused the request (the message names the prompt
                 length and `max_new_tokens`).
-            ResponseCutShort: the server stopped the response at its context or KV-pool limit
+            MalformedResponse: the answer is not a list of `len(params)` responses.
+            ResponseCutShort: the server stopped a response at its context or KV-pool limit
                 before `max_new_tokens` (SGLang does so silently).
         """
-        request = f"prompt of {len(input_ids)} tokens, max_new_tokens {params.max_new_tokens}"
+        count = len(params)
+        longest = max(p.max_new_tokens for p in params)
+        request = f"{count} x prompt of {len(input_ids)} tokens, max_new_tokens {longest}"
         payload = {
-            "input_ids": list(input_ids),
-            "sampling_params": params.to_json(),
+            "input_ids": [list(input_ids)] * count,
+            "sampling_params": [p.to_json() for p in params],
             "return_logprob": True,
-            "rid": rid or uuid.uuid4().hex,
+            "rid": sample_rids(rid or uuid.uuid4().hex, count),
         }
         if self.routing is not None:
             payload["return_routed_experts"] = True
         try:
-            body = await self._post_generate(payload)
+            body = await self._post_generate(payload, count)
         except ServerRequestError as error:
             raise ServerRequestError(f"{error} (request: {request})") from error
-        generation = Generation.from_response(body, self.url, len(input_ids), self.routing)
-        length = len(generation.output_ids)
-        if generation.finish_reason == "length" and length < params.max_new_tokens:
-            raise ResponseCutShort(
-                f"{self.url} ended a response at {length} tokens, finish reason 'length' "
-                f"({request}): its context or KV pool cannot hold the request; give it more "
-                "(SGLang --context-length / --max-total-tokens) or lower the lengths"
+        if not isinstance(body, list) or len(body) != count:
+            kind = type(body).__name__
+            shape = f"a list of {len(body)}" if isinstance(body, list) else f"a {kind}"
+            raise MalformedResponse(
+                f"{self.url}/generate answered with {shape}, not a list of {count} responses: "
+                f"{str(body)[:200]!r}"
             )
+        generations = [
+            Generation.from_response(answer, self.url, len(input_ids), self.routing)
+            for answer in body
+        ]
+        for generation, sample in zip(generations, params, strict=True):
+            length = len(generation.output_ids)
+            if generation.finish_reason == "length" and length < sample.max_new_tokens:
+                raise ResponseCutShort(
+                    f"{self.url} ended a response at {length} tokens, finish reason 'length' "
+                    f"({request}): its context or KV pool cannot hold the request; give it "
+                    "more (SGLang --context-length / --max-total-tokens) or lower the lengths"
+                )
         self.metrics.requests.labels(self.url).inc()
-        self.metrics.generated_tokens.inc(len(generation.output_ids))
-        return generation
+        self.metrics.generated_tokens.inc(sum(len(g.output_ids) for g in generations))
+        return generations
 
     async def request_capacity(self) -> int:
         """min(context length, KV pool) of this server, in tokens: what one request may span
@@ -349,7 +413,8 @@ class SGLangServerClient:
                 "return_logprob": True,
                 "logprob_start_len": 0,
                 "rid": uuid.uuid4().hex,
-            }
+            },
+            samples=1,
         )
         try:
             entries = body["meta_info"]["input_token_logprobs"]  # [[logprob, id, text]] * L

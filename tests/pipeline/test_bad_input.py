@@ -127,28 +127,34 @@ def test_a_parquet_row_with_a_null_field_is_an_error_naming_the_row(tmp_path):
 
 
 GENERATE_ANSWERS = {
-    "not-json": (web.Response(text="<html>Bad Gateway</html>"), "a str, not a JSON object"),
-    "empty": (web.Response(text=""), "a NoneType, not a JSON object"),
-    "list": (web.json_response([1, 2]), "a list, not a JSON object"),
-    "no-meta": (web.json_response({"output_ids": [7]}), "no field 'meta_info'"),
+    "not-json": (web.Response(text="<html>Bad Gateway</html>"), "a str, not a list of 1"),
+    "empty": (web.Response(text=""), "a NoneType, not a list of 1"),
+    "object": (web.json_response({"output_ids": [7]}), "a dict, not a list of 1"),
+    "two": (web.json_response([{}, {}]), "a list of 2, not a list of 1"),
+    "not-object": (web.json_response([1]), "a int, not a JSON object"),
+    "no-meta": (web.json_response([{"output_ids": [7]}]), "no field 'meta_info'"),
     "wrong-type": (
         web.json_response(
-            {
-                "output_ids": ["seven"],
-                "meta_info": {"output_token_logprobs": [], "finish_reason": {"type": "stop"}},
-            }
+            [
+                {
+                    "output_ids": ["seven"],
+                    "meta_info": {"output_token_logprobs": [], "finish_reason": {"type": "stop"}},
+                }
+            ]
         ),
         "a field of the wrong type",
     ),
     "id-mismatch": (
         web.json_response(
-            {
-                "output_ids": [7],
-                "meta_info": {
-                    "output_token_logprobs": [[-0.1, 8, None]],
-                    "finish_reason": {"type": "stop"},
-                },
-            }
+            [
+                {
+                    "output_ids": [7],
+                    "meta_info": {
+                        "output_token_logprobs": [[-0.1, 8, None]],
+                        "finish_reason": {"type": "stop"},
+                    },
+                }
+            ]
         ),
         "log-prob token ids that differ from output_ids",
     ),

@@ -148,9 +148,10 @@ class ColocatedStandIn:
             "finish_reason": {"type": "length", "length": 1},
             "output_token_logprobs": [[-0.5, 7, None]],
             "weight_version": self.version,
-            "id": body["rid"],
         }
-        return web.json_response({"output_ids": [7], "meta_info": meta})
+        return web.json_response(
+            [{"output_ids": [7], "meta_info": {**meta, "id": rid}} for rid in body["rid"]]
+        )
 
     async def release(self, request: web.Request) -> web.Response:
         tags = (await request.json())["tags"]

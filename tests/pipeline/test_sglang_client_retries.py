@@ -40,13 +40,21 @@ class ScriptedServer:
             await asyncio.sleep(self.delay_s)
             if self.statuses:
                 return web.Response(status=self.statuses.pop(0), text="scripted failure")
-            meta = {
-                "finish_reason": {"type": "length", "length": 2},
-                "output_token_logprobs": [[-0.1, 7, None], [-0.2, 8, None]],
-                "weight_version": "default",
-                "id": body["rid"],
-            }
-            return web.json_response({"text": "ab", "output_ids": [7, 8], "meta_info": meta})
+            return web.json_response(
+                [
+                    {
+                        "text": "ab",
+                        "output_ids": [7, 8],
+                        "meta_info": {
+                            "finish_reason": {"type": "length", "length": 2},
+                            "output_token_logprobs": [[-0.1, 7, None], [-0.2, 8, None]],
+                            "weight_version": "default",
+                            "id": rid,
+                        },
+                    }
+                    for rid in body["rid"]
+                ]
+            )
         finally:
             self.concurrent -= 1
 
