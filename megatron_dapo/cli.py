@@ -2,6 +2,7 @@
 
 megatron-dapo check-config CONFIG [dotted.key=value ...]   validate and print the config
 megatron-dapo train CONFIG [dotted.key=value ...]          DAPO training (the main job)
+megatron-dapo sft CONFIG [dotted.key=value ...]            supervised warm-up (`sft:` section)
 megatron-dapo plan CONFIG [--gpu-memory-gib 80] [...]     per-GPU memory and GPU counts
 """
 
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import yaml
 
@@ -43,6 +46,58 @@ def _train(config: RunConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _relaunch_under_torchrun(config: RunConfig, args: argparse.Namespace) -> int:
+    """Run `megatron-dapo COMMAND CONFIG overrides...` on `launch.nproc_per_node` local ranks
+    under `torchrun --standalone`; its exit code (`train.relaunch_under_torchrun` is the same
+    for `train`)."""
+    from pipeline.parent_death import exit_with_parent
+
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={config.launch.nproc_per_node}",
+        "-m",
+        "megatron_dapo.cli",
+        args.command,
+        args.config,
+        *args.overrides,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.call(command, env=env, preexec_fn=exit_with_parent)
+
+
+def _sft(config: RunConfig, args: argparse.Namespace) -> int:
+    """Supervised warm-up of the policy on prompt/response pairs (`sft:`), writing an HF
+    checkpoint that `train` starts from."""
+    from megatron_dapo.sft import check_output_dir, run
+    from megatron_dapo.train import needs_relaunch
+    from pipeline.parent_death import exit_with_parent
+    from pipeline.prompts import MalformedPromptData, read_rows
+
+    sft = config.sft
+    if sft is None:
+        print(f"error: {args.config} has no sft section", file=sys.stderr)
+        return 2
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # bad input stops the command before any rank
+        if sft.data.path is not None and not Path(sft.data.path).is_file():
+            print(f"error: sft.data.path={sft.data.path}: no such file", file=sys.stderr)
+            return 2
+        try:
+            check_output_dir(sft)
+            read_rows(sft.data)
+        except (FileExistsError, MalformedPromptData) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    if needs_relaunch(config):
+        return _relaunch_under_torchrun(config, args)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun rank, in a session of its own
+        exit_with_parent()
+    run(config)
+    return 0
+
+
 def _plan(config: RunConfig, args: argparse.Namespace) -> int:
     """Per-GPU memory of the trainer's ranks and the fleet's servers, and the GPUs each role
     needs, estimated from the config alone (`megatron_dapo.config.memory_plan`)."""
@@ -53,7 +108,7 @@ def _plan(config: RunConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"check-config": _check_config, "train": _train, "plan": _plan}
+COMMANDS = {"check-config": _check_config, "train": _train, "sft": _sft, "plan": _plan}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

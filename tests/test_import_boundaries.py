@@ -66,6 +66,8 @@ ALLOWED: dict[str, Rule] = {
     ),
     "megatron_dapo.cli": Rule(project=PROJECT),
     "megatron_dapo.train": Rule(project=PROJECT),
+    # the `sft` command's loop, like `train`'s: its data (pipeline.sft_data), trainer and report
+    "megatron_dapo.sft": Rule(project=PROJECT),
     "megatron_dapo": Rule(project=()),  # the package docstring only
 }
 """Package (or top-level module) -> its rule; the longest matching prefix applies."""

@@ -1,8 +1,9 @@
 """The run configuration: one typed schema for a whole megatron-dapo run.
 
 `RunConfig` composes the training-plane sections defined here (model, parallelism, algorithm,
-optimizer, training, metrics, checkpoint, launch) with the data-plane sections that `pipeline`
-owns (rollout, data, reward, dynamic sampling, advantage). Every section is frozen and rejects
+optimizer, training, metrics, checkpoint, launch, and the supervised warm-up's sft) with the
+data-plane sections that `pipeline` owns (rollout, data, reward, dynamic sampling, advantage,
+sft.data). Every section is frozen and rejects
 unknown keys; cross-section rules live in `RunConfig._check_consistency`. The algorithm's names,
 pairings and hyper-parameter ranges come from `megatron_dapo.algo` and `pipeline.advantages`
 (registries, `PAPER_RECIPES`, `LOSS_PARAMETER_RANGES`) and are checked here, once, at load time.
@@ -45,6 +46,7 @@ from pipeline.config import (
     RewardConfig,
     RolloutConfig,
     Section,
+    SFTDataConfig,
 )
 from pipeline.data_plane import DataPlaneConfig
 from pipeline.sglang_server import sample_token_budget
@@ -454,6 +456,43 @@ class TensorInspectConfig(Section):
     """Extra nvdlfw-inspect feature directories (its built-in features are always loaded)."""
 
 
+class SFTConfig(Section):
+    """Supervised fine-tuning (`megatron-dapo sft`): next-token training of the policy of
+    `model` (from `model.hf_checkpoint`, in the run's `parallelism` layout) on prompt/response
+    pairs, loss on the response tokens only (token-mean over each optimizer step), writing an
+    HF checkpoint that `train` starts from (`model.hf_checkpoint=<output_dir>`).
+
+    Shared with the RL run: `model`, `parallelism`, `launch`, and from `training` the packing
+    (`micro_batch_max_tokens`), `log_prob_chunk_size`, `recompute`, `seed` and
+    `on_nonfinite`; the optimizer is `optimizer` unless `sft.optimizer` sets its own (a warm-up
+    usually wants a larger learning rate than RL). Nothing of `rollout`, `algorithm`, `reward`
+    or `data` is used; log-probs are at temperature 1.
+    """
+
+    data: SFTDataConfig
+    output_dir: str
+    """Where the HF checkpoint is written at the end (safetensors shards and index, with the
+    config, generation and tokenizer files of `model.hf_checkpoint`), with the run's
+    `metrics.jsonl`; it must not hold a checkpoint (`config.json`) yet. `~` expands to the
+    home directory."""
+    batch_size: int = Field(ge=1)
+    """Pairs per optimizer step over all data-parallel ranks (verl's `data.train_batch_size`,
+    NeMo-RL's `policy.train_global_batch_size`), packed into micro-batches of
+    `training.micro_batch_max_tokens` tokens."""
+    epochs: int = Field(1, ge=1)
+    """Passes over the pairs; an epoch is `pairs // batch_size` optimizer steps."""
+    steps: int | None = Field(None, ge=1)
+    """If set, stop after this many optimizer steps when that comes before the end of
+    `epochs` (NeMo-RL's `max_num_steps`)."""
+    optimizer: OptimizerConfig | None = None
+    """AdamW and its LR schedule for the warm-up; None = the run's `optimizer` section."""
+
+    @field_validator("output_dir")
+    @classmethod
+    def _expand_home(cls, path: str) -> str:
+        return os.path.expanduser(path)
+
+
 class RunConfig(Section):
     """Everything one run needs; the YAML files in `configs/` are instances of it."""
 
@@ -469,6 +508,8 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     launch: LaunchConfig = LaunchConfig()
     debug: TensorInspectConfig = TensorInspectConfig()
+    sft: SFTConfig | None = None
+    """Supervised fine-tuning before RL (`megatron-dapo sft`); unused by `train`."""
 
     @property
     def loss_norm_constant(self) -> float:
@@ -525,6 +566,21 @@ class RunConfig(Section):
                 f"training.micro_batch_max_tokens={self.training.micro_batch_max_tokens}: "
                 "raise it or lower the lengths"
             )
+
+    def _check_sft_length(self) -> None:
+        """A pair of `sft.data.max_length` tokens fits the model's context and one
+        micro-batch."""
+        assert self.sft is not None
+        length = self.sft.data.max_length
+        for name, limit in (
+            ("model.max_position_embeddings", self.model.max_position_embeddings),
+            ("training.micro_batch_max_tokens", self.training.micro_batch_max_tokens),
+        ):
+            if length > limit:
+                raise ValueError(
+                    f"sft.data.max_length={length} exceeds {name}={limit}: a pair that long "
+                    "would not fit; lower it"
+                )
 
     @model_validator(mode="after")
     def _check_consistency(self) -> RunConfig:
@@ -596,6 +652,8 @@ class RunConfig(Section):
                 "on the log-probs of sampled tokens"
             )
         self._check_length_budget()
+        if self.sft is not None:
+            self._check_sft_length()
         if self.rollout.placement == "colocated":  # every server shares trainer ranks' GPUs
             nproc = self.launch.nproc_per_node
             embedded_server_gpus(self.rollout, trainer_local_ranks=nproc, visible_gpus=nproc)

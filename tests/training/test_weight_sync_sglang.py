@@ -40,10 +40,14 @@ CONTROL_SCALE = 1.01
 
 
 def on_server(
-    model_dir: Path, log_dir: Path, body: Callable[[SGLangServerClient], Awaitable[T]]
+    model_dir: Path,
+    log_dir: Path,
+    body: Callable[[SGLangServerClient], Awaitable[T]],
+    dtype: str | None = None,
 ) -> T:
-    """Run `body` against a fresh CPU server of `model_dir` (up within 240 s, stopped after)."""
-    options = EmbeddedFleetOptions(str(model_dir), log_dir, start_timeout_s=240.0)
+    """Run `body` against a fresh CPU server of `model_dir` (up within 240 s, stopped after),
+    computing in `dtype` (None: SGLang's choice, float16 for a float32 checkpoint)."""
+    options = EmbeddedFleetOptions(str(model_dir), log_dir, start_timeout_s=240.0, dtype=dtype)
 
     async def main() -> T:
         async with aiohttp.ClientSession() as session:
