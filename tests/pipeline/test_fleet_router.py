@@ -8,9 +8,9 @@ import aiohttp
 import pytest
 
 from pipeline.config import RolloutConfig
-from pipeline.fleet import RolloutFleet
-from pipeline.rollout_client import RolloutClient
-from pipeline.sglang_client import SamplingParams, SGLangServerClient
+from pipeline.fleet import CONTROL_CONNECTIONS, RolloutFleet
+from pipeline.rollout_client import RevivalPolicy, RolloutClient
+from pipeline.sglang_client import SamplingParams, ServerUnavailable, SGLangServerClient
 from pipeline.sglang_server import start_router
 
 
@@ -23,15 +23,36 @@ def test_cluster_mode_connects_to_configured_urls_without_starting_anything():
     )
 
     async def main(fleet: RolloutFleet):
-        async with aiohttp.ClientSession() as session:
-            return fleet.client(session)
+        async with fleet.session() as session:
+            client = fleet.client(session, revival=RevivalPolicy(give_up_after_s=0))
+            router_slots = [client.router.slots.capacity]
+            client._mark_dead(client.workers[0], ServerUnavailable("gone"))
+            router_slots.append(client.router.slots.capacity)
+            return client, router_slots, session.connector
 
     with RolloutFleet(config) as fleet:
-        processes, client = fleet.processes, asyncio.run(main(fleet))
+        processes, (client, router_slots, connector) = fleet.processes, asyncio.run(main(fleet))
     assert processes == []
     assert [w.url for w in client.workers] == ["http://10.0.0.1:30000", "http://10.0.0.2:30000"]
     assert client.router is not None and client.router.url == "http://10.0.0.9:30000"
     assert all(w.max_inflight == 7 for w in client.workers)
+    assert router_slots == [14, 7], "behind the router: 7 samples per live worker"
+    per_host = 14 + CONTROL_CONNECTIONS  # the router carries both workers' samples
+    assert (connector.limit_per_host, connector.limit) == (per_host, 3 * per_host)
+
+
+def test_connection_limits_scale_with_the_servers():
+    urls = tuple(f"http://10.0.0.{i}:30000" for i in range(1, 9))
+    config = RolloutConfig(mode="cluster", server_urls=urls, max_inflight_per_server=64)
+
+    async def main(fleet: RolloutFleet):
+        async with fleet.session() as session:
+            return session.connector
+
+    with RolloutFleet(config) as fleet:
+        connector = asyncio.run(main(fleet))
+    per_host = 64 + CONTROL_CONNECTIONS
+    assert (connector.limit_per_host, connector.limit) == (per_host, 8 * per_host)
 
 
 @pytest.mark.slow

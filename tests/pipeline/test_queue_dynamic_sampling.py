@@ -15,8 +15,10 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 
+import aiohttp
 import pytest
 import torch
+from aiohttp import web
 
 from pipeline.advantages import AdvantageConfig
 from pipeline.config import DynamicSamplingConfig, OverlongConfig, RolloutConfig
@@ -30,7 +32,8 @@ from pipeline.oversampling import MARGIN_SIGMAS, KeepRateEstimator
 from pipeline.prompts import PromptRow, PromptSource
 from pipeline.rewards import ProcessPoolScorer
 from pipeline.rewards.base import FunctionScorer, RewardResult, RewardScorer
-from pipeline.sglang_client import Generation, SamplingParams
+from pipeline.rollout_client import RolloutClient
+from pipeline.sglang_client import Generation, SamplingParams, SGLangServerClient
 
 # Import path of the sibling helper module, whether or not tests/ is a package.
 HELPERS_MODULE = f"{__name__.rpartition('.')[0]}.reward_helpers".lstrip(".")
@@ -514,3 +517,45 @@ def test_deterministic_seeds_repeat_across_runs_and_resumes() -> None:
     assert _seeds_of_two_batches(deterministic=True) == reference
     assert _seeds_of_two_batches(deterministic=True, resume=True) == reference
     assert _seeds_of_two_batches(deterministic=False) != _seeds_of_two_batches(deterministic=False)
+
+
+def test_the_queue_sends_each_group_to_the_fleet_as_one_request():
+    """Through the HTTP clients to a stand-in server: one `/generate` per group, holding the
+    prompt G times with G distinct seeds; sample i's answer (MIXED[i]) lands in order."""
+    posts: list[dict] = []
+
+    async def generate(request: web.Request) -> web.Response:
+        body = await request.json()
+        posts.append(body)
+        answers = []
+        for text, rid in zip(MIXED, body["rid"], strict=True):
+            ids = [ord(c) for c in text]
+            meta = {
+                "id": rid,
+                "finish_reason": {"type": "stop"},
+                "output_token_logprobs": [[LOGPROB, t, None] for t in ids],
+            }
+            answers.append({"output_ids": ids, "meta_info": meta})
+        return web.json_response(answers)
+
+    async def main():
+        app = web.Application()
+        app.router.add_post("/generate", generate)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        try:
+            async with aiohttp.ClientSession() as session:
+                client = RolloutClient([SGLangServerClient(url, session)])
+                return await make_queue(client, num_groups=3).next_batch(0)
+        finally:
+            await runner.cleanup()
+
+    batch, stats = asyncio.run(main())
+    assert len(posts) == stats.generated_groups + stats.aborted >= 3
+    for body in posts:
+        assert len(body["input_ids"]) == G and len(set(map(tuple, body["input_ids"]))) == 1
+        assert len({p["sampling_seed"] for p in body["sampling_params"]}) == G
+    assert [m["correct"] for m in batch.metadata] == [text == "yes" for text in MIXED] * 3

@@ -88,6 +88,51 @@ def test_generate_logprobs_match_transformers_and_finish_reasons(
     assert (stopped.finish_reason, len(stopped.output_ids)) == ("stop", 1)
 
 
+def test_a_group_is_one_request_whose_samples_equal_single_requests(
+    tiny_models, live_urls, assert_matches_policy
+):
+    """One `/generate` of G samples: sampled ones are distinct, each with the policy's
+    log-probs; greedy ones equal the single requests of the same parameters (ids, log-probs,
+    finish reason), each sample keeping its own stop tokens and length."""
+    prompt = prompt_ids(tiny_models.base)
+    greedy = [
+        SamplingParams(max_new_tokens=8, temperature=0.0),
+        SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_new_tokens=6, temperature=0.0, stop_token_ids=tuple(range(104))),
+        SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True),
+    ]
+
+    async def body(client: RolloutClient):
+        server = client.workers[0]
+        sampled = await client.generate_group(prompt, [SamplingParams(max_new_tokens=16)] * 4)
+        group = await server.generate_group(prompt, greedy)
+        requests = server.metrics.registry.get_sample_value(
+            "dapo_fleet_requests_total", {"run": "default", "server": server.url}
+        )
+        singles = [await server.generate(prompt, params) for params in greedy]
+        return sampled, group, singles, requests
+
+    sampled, group, singles, requests = run_with_client(live_urls[:1], body)
+    assert requests == 2, "each group is one request"
+    assert len(sampled) == 4 and len({g.output_ids for g in sampled}) > 1
+    for generation in sampled:
+        assert generation.weight_version == 0
+        assert_matches_policy(tiny_models.base, prompt, generation)
+    for batched, single in zip(group, singles, strict=True):
+        assert (batched.output_ids, batched.finish_reason) == (
+            single.output_ids,
+            single.finish_reason,
+        )
+        torch.testing.assert_close(
+            torch.tensor(batched.output_logprobs), torch.tensor(single.output_logprobs)
+        )
+    assert [(g.finish_reason, len(g.output_ids)) for g in group[1:]] == [
+        ("length", 6),
+        ("stop", 1),
+        ("length", 3),
+    ]
+
+
 def test_sequence_logprobs_match_transformers(tiny_models, live_urls, reference_logprobs):
     prompt = prompt_ids(tiny_models.base)
     response = AutoTokenizer.from_pretrained(tiny_models.base).encode("12 + 30 = 42.")
