@@ -37,8 +37,9 @@ FRUIT = {
 """The mapping the policy learns: colour -> fruit."""
 BATCH_SIZE = 8
 NUM_STEPS = 3
-LAYOUTS = {"tp2": {"tensor": 2}, "dp2": {}}
-"""2-rank layouts: vocab-parallel log-probs over TP, the global normaliser over DP."""
+LAYOUTS = {"tp2": {"tensor": 2}, "dp2": {}, "pp2": {"pipeline": 2}}
+"""2-rank layouts: vocab-parallel log-probs over TP, the global normaliser over DP, the loss on
+the last of two pipeline stages (1F1B, rows padded to one length)."""
 
 
 def make_sft_checkpoint(directory: Path) -> Path:
