@@ -58,9 +58,9 @@ class RolloutConfig(Section):
     """Back-pressure: at most this many samples outstanding per server (a group of G samples
     is one request holding G of them); behind a router, this times the live workers."""
     threads_per_server: int | None = Field(None, ge=1)
-    """Embedded mode: OpenMP/MKL threads of each server process (SGLang's CPU backend computes
-    with torch's intra-op threads; it pins them to cores itself only on AMX or arm64 CPUs);
-    None = the usable cores divided among the servers."""
+    """Embedded mode: threads of each server, shared by its TP ranks (SGLang's CPU backend
+    computes with torch's OpenMP threads; `pipeline.fleet.server_thread_env`); None = the
+    usable cores divided among the servers."""
     request_timeout_s: float = Field(3600.0, gt=0.0)
     max_retries: int = Field(3, ge=0)
     revival_timeout_s: float = Field(3600.0, ge=0.0)

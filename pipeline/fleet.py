@@ -39,6 +39,7 @@ from pipeline.sglang_server import (
     cpu_server_args,
     free_port,
     http_get,
+    server_tensor_parallel,
     sglang_dtype_args,
     sglang_server_argv,
     start_router,
@@ -53,12 +54,37 @@ CONTROL_CONNECTIONS = 4
 """Connections per server beyond its generation slots: health probes, aborts, weight updates."""
 
 
+CPU_THREADS_BIND_ENV = "SGLANG_CPU_OMP_THREADS_BIND"
+"""SGLang's per-rank CPU cores (`0-3|4-7`: rank r gets group r); without it SGLang allows no more
+ranks than NUMA nodes, and it pins threads to the cores only on AMX and arm64 CPUs."""
+
+
 def server_threads(config: RolloutConfig) -> int:
-    """OMP/MKL threads of each embedded server: `rollout.threads_per_server`, or the cores this
-    process may use divided among the servers (at least 1)."""
+    """Threads of each embedded server: `rollout.threads_per_server`, or the cores this process
+    may use divided among the servers (at least 1)."""
     if config.threads_per_server is not None:
         return config.threads_per_server
     return max(1, len(os.sched_getaffinity(0)) // config.num_servers)
+
+
+def server_thread_env(config: RolloutConfig, index: int, cpu: bool) -> dict[str, str]:
+    """The thread settings of embedded server `index`: each of its TP ranks computes with
+    `server_threads // TP` OpenMP/MKL threads; a CPU server of TP > 1 also gets
+    `CPU_THREADS_BIND_ENV`, one group of that many cores per rank from the server's share of
+    the usable cores (unless the environment sets it)."""
+    threads = server_threads(config)
+    tp = server_tensor_parallel(config.server_args)
+    per_rank = max(1, threads // tp)
+    env = {"OMP_NUM_THREADS": str(per_rank), "MKL_NUM_THREADS": str(per_rank)}
+    if cpu and tp > 1 and CPU_THREADS_BIND_ENV not in os.environ:
+        cores = sorted(os.sched_getaffinity(0))
+        first = index * threads
+        groups = (
+            [cores[(first + rank * per_rank + k) % len(cores)] for k in range(per_rank)]
+            for rank in range(tp)
+        )
+        env[CPU_THREADS_BIND_ENV] = "|".join(",".join(map(str, group)) for group in groups)
+    return env
 
 
 @dataclass(frozen=True)
@@ -151,8 +177,7 @@ class RolloutFleet:
 
     def _spawn_server(self, index: int, options: EmbeddedFleetOptions) -> ManagedProcess:
         """Start embedded server `index` on a free port; its URL goes to `worker_urls[index]`."""
-        threads = str(server_threads(self.config))
-        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        env = {**os.environ, **server_thread_env(self.config, index, options.cpu_defaults)}
         extra = (
             *self._placement_args[index],
             *sglang_dtype_args(options.dtype),

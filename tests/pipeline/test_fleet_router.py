@@ -1,14 +1,21 @@
-"""Generation through a real `sglang-router` in front of the test fleet's workers."""
+"""The fleet's limits (threads, connections, in-flight samples) and generation through a real
+`sglang-router` in front of the test fleet's workers."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 
 import aiohttp
 import pytest
 
 from pipeline.config import RolloutConfig
-from pipeline.fleet import CONTROL_CONNECTIONS, RolloutFleet
+from pipeline.fleet import (
+    CONTROL_CONNECTIONS,
+    CPU_THREADS_BIND_ENV,
+    RolloutFleet,
+    server_thread_env,
+)
 from pipeline.rollout_client import RevivalPolicy, RolloutClient
 from pipeline.sglang_client import SamplingParams, ServerUnavailable, SGLangServerClient
 from pipeline.sglang_server import start_router
@@ -85,3 +92,22 @@ def test_generation_goes_through_the_router_and_aborts_go_to_workers(live_urls, 
     assert all(r.server_url == router_url and len(r.output_ids) == 5 for r in results)
     assert aborted.finish_reason == "abort"
     assert not router.is_running()
+
+
+def test_embedded_servers_share_the_cores(monkeypatch):
+    """By default the usable cores are divided among the servers; a CPU server of TP 2 binds
+    each rank to its own half of its share (SGLang allows no more ranks than NUMA nodes
+    otherwise)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv(CPU_THREADS_BIND_ENV, raising=False)
+    two = RolloutConfig(num_servers=2)
+    assert server_thread_env(two, 1, cpu=True) == {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}
+    tp2 = RolloutConfig(num_servers=2, server_args=("--tp", "2"))
+    assert server_thread_env(tp2, 1, cpu=True) == {
+        "OMP_NUM_THREADS": "2",
+        "MKL_NUM_THREADS": "2",
+        CPU_THREADS_BIND_ENV: "4,5|6,7",
+    }
+    assert CPU_THREADS_BIND_ENV not in server_thread_env(tp2, 1, cpu=False)
+    pinned = RolloutConfig(num_servers=2, threads_per_server=1)
+    assert server_thread_env(pinned, 0, cpu=True)["OMP_NUM_THREADS"] == "1"
