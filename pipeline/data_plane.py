@@ -24,8 +24,13 @@ trainer trains step k, with the fleet still at version k. The trainer waits for 
 version k (one behind the policy that trains on it, within the staleness bound) and no weight
 update lands mid-prefetch: which requests a pause would catch depends on timing, and exact
 resume needs the same samples on every run. Step time is then max(generate, train) + sync.
-`fleet_busy_seconds` is the fleet's generating time, from which the trainer reports the
-fleet's idle share.
+(`RolloutClient.weight_update` would be safe mid-generation too: it drains, never retracts,
+so a sample's version is the one that generated all of its tokens.) With
+`algorithm.old_log_probs: recompute` the lag is corrected as configured: pi_old is version
+k + 1's policy, and the truncated importance weight pi_old / pi_rollout
+(`algorithm.rollout_correction`) spans the version behind along with the kernels' mismatch,
+which the step's `mismatch KL` measures. `fleet_busy_seconds` is the fleet's generating time,
+from which the trainer reports the fleet's idle share.
 """
 
 from __future__ import annotations

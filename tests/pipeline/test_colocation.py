@@ -108,6 +108,13 @@ def test_embedded_servers_take_no_gpu_flags_from_server_args() -> None:
     RolloutConfig(placement="colocated", weight_sync="tensor")
 
 
+def test_colocated_servers_generate_and_train_in_turn_whatever_the_staleness() -> None:
+    # they hold no memory while the trainer trains: nothing to overlap generation with
+    assert RolloutConfig(max_staleness=1).overlaps_generation
+    assert not RolloutConfig(max_staleness=1, placement="colocated").overlaps_generation
+    assert not RolloutConfig(max_staleness=0).overlaps_generation
+
+
 def test_a_run_config_places_colocated_servers_on_its_trainer_ranks() -> None:
     demo = Path(__file__).resolve().parents[2] / "configs" / "demo-cpu.yaml"  # 2 local ranks
     config = load_config(demo, ["rollout.placement=colocated", "rollout.num_servers=2"])
