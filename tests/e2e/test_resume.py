@@ -1,5 +1,7 @@
 """Exact resume: a 2-rank `megatron-dapo train` killed with SIGKILL in the middle of a run and
-started again continues with the same losses and metrics as a run that was never interrupted.
+started again continues with the same losses and metrics as a run that was never interrupted,
+sequential (`rollout.max_staleness: 0`) and with generation overlapping training
+(`max_staleness: 1`: the checkpoint holds the groups prefetched for the next step).
 
 Both runs use one real SGLang server in deterministic mode (`rollout.deterministic`: seeded
 sampling per response, rounds admitted in prompt order), started here with the initial policy;
@@ -56,7 +58,7 @@ between batch compositions; everything else is bitwise reproducible."""
 pytestmark = [pytest.mark.slow, pytest.mark.multirank, pytest.mark.server]
 
 
-def _command(run_dir: Path, initial_model: Path, server_url: str) -> list[str]:
+def _command(run_dir: Path, initial_model: Path, server_url: str, staleness: int) -> list[str]:
     return train_command(
         run_dir,
         initial_model,
@@ -65,6 +67,7 @@ def _command(run_dir: Path, initial_model: Path, server_url: str) -> list[str]:
         f"checkpoint.save_interval={SAVE_INTERVAL}",
         "checkpoint.resume=auto",
         "rollout.deterministic=true",
+        f"rollout.max_staleness={staleness}",
     )
 
 
@@ -84,17 +87,21 @@ def _kill_when_logged(process: subprocess.Popen[bytes], run_dir: Path, log: Path
     assert processes_mentioning(str(run_dir)) == [], "ranks outlived the killed launcher"
 
 
+@pytest.mark.parametrize("staleness", [0, 1])
 def test_sigkilled_run_resumes_with_the_same_losses_and_metrics(
-    tmp_path: Path, initial_model: Path, deterministic_server: str
+    tmp_path: Path, initial_model: Path, deterministic_server: str, staleness: int
 ) -> None:
     reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
     reference_log, resumed_log = tmp_path / "reference.log", tmp_path / "resumed.log"
 
     finish(
-        start(_command(reference_dir, initial_model, deterministic_server), reference_log),
+        start(
+            _command(reference_dir, initial_model, deterministic_server, staleness),
+            reference_log,
+        ),
         reference_log,
     )
-    command = _command(resumed_dir, initial_model, deterministic_server)
+    command = _command(resumed_dir, initial_model, deterministic_server, staleness)
     _kill_when_logged(start(command, resumed_log), resumed_dir, resumed_log)
     killed_at = [step for step, _ in complete_checkpoints(resumed_dir / "checkpoints")]
     assert killed_at == [SAVE_INTERVAL], killed_at

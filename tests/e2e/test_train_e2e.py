@@ -1,9 +1,11 @@
 """`megatron-dapo train` end to end: 2 ranks (expert parallel), a real local SGLang server,
-the dynamic-sampling queue, DAPO policy steps, weight sync from disk, a final checkpoint, and
+the dynamic-sampling queue generating the next step's groups while the trainer trains
+(`rollout.max_staleness: 1`), DAPO policy steps, weight sync from disk, a final checkpoint, and
 the step metrics read back through a real Prometheus server scraping the run."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -42,6 +44,7 @@ def test_two_rank_training_run_with_a_real_fleet(tmp_path: Path) -> None:
         f"metrics.port={metrics_port}",
         "metrics.run_name=e2e",
         f"data.max_prompt_length={MAX_PROMPT_LENGTH}",
+        "rollout.max_staleness=1",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     with PrometheusServer(tmp_path / "prometheus", [f"127.0.0.1:{metrics_port}"]) as prometheus:
@@ -56,8 +59,13 @@ def test_two_rank_training_run_with_a_real_fleet(tmp_path: Path) -> None:
         skipped = prometheus.wait_for(
             'last_over_time(dapo_queue_skipped_prompts_total{run="e2e"}[10m])'
         )
+        staleness = prometheus.wait_for('last_over_time(dapo_queue_staleness_sum{run="e2e"}[10m])')
+        trainer_idle = prometheus.wait_for(
+            'last_over_time(dapo_idle_ratio{run="e2e", side="trainer"}[10m])'
+        )
     output = result.stdout + result.stderr
     assert result.returncode == 0, failure_excerpt(output)
+    run_dir = tmp_path / "runs" / "demo-cpu"
 
     summaries = re.findall(
         rf"step (\d+)/{STEPS} \| reward ([-+.\d]+) acc ([.\d]+) \| entropy ([.\d]+)", output
@@ -73,12 +81,22 @@ def test_two_rank_training_run_with_a_real_fleet(tmp_path: Path) -> None:
     assert float(kept[0]["value"][1]) >= 4 * STEPS
     # Prompts longer than data.max_prompt_length were skipped and counted, not a dead step.
     assert float(skipped[0]["value"][1]) > 0 and "over-long prompt(s) skipped" in output
+    # Steps 2 and 3 trained on groups generated during the step before: one version behind.
+    assert "generation overlaps training (max_staleness 1)" in output
+    assert float(staleness[0]["value"][1]) >= 2 * 4 * 4
+    assert 0.0 <= float(trainer_idle[0]["value"][1]) <= 1.0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        assert record["trainer_idle_seconds"] == pytest.approx(
+            record["phase_seconds"]["generate"] + record["phase_seconds"]["prefetch_wait"]
+        )
+        assert 0.0 <= record["fleet_idle_ratio"] <= 1.0
+    assert len(re.findall(r"idle trainer \d+% fleet \d+%", output)) == STEPS
     # The run's summary first, and no library notices anywhere (they would hide real warnings)
     assert result.stdout.startswith("policy: 2 layers x 64"), result.stdout[:500]
     notices = [line for line in output.splitlines() if re.search(r"Warning|CUDA_HOME", line)]
     assert notices == []
 
-    run_dir = tmp_path / "runs" / "demo-cpu"
     initial = load_file(run_dir / "initial-model" / "model.safetensors")
     trained = hf_state_dict(run_dir / "weights" / f"v{STEPS}")
     assert initial.keys() == trained.keys()
