@@ -60,7 +60,7 @@ class RolloutConfig(Section):
     threads_per_server: int | None = Field(None, ge=1)
     """Embedded mode: threads of each server, shared by its TP ranks (SGLang's CPU backend
     computes with torch's OpenMP threads; `pipeline.fleet.server_thread_env`); None = the
-    usable cores divided among the servers."""
+    usable cores the node's trainer ranks leave, divided among the servers (at least 1)."""
     request_timeout_s: float = Field(3600.0, gt=0.0)
     max_retries: int = Field(3, ge=0)
     revival_timeout_s: float = Field(3600.0, ge=0.0)

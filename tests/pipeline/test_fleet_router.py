@@ -95,19 +95,24 @@ def test_generation_goes_through_the_router_and_aborts_go_to_workers(live_urls, 
 
 
 def test_embedded_servers_share_the_cores(monkeypatch):
-    """By default the usable cores are divided among the servers; a CPU server of TP 2 binds
-    each rank to its own half of its share (SGLang allows no more ranks than NUMA nodes
-    otherwise)."""
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    """By default the cores the trainer ranks leave are divided among the servers; a CPU server
+    of TP 2 binds each rank to its own half of its share (SGLang allows no more ranks than
+    NUMA nodes otherwise)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(10)))
     monkeypatch.delenv(CPU_THREADS_BIND_ENV, raising=False)
     two = RolloutConfig(num_servers=2)
-    assert server_thread_env(two, 1, cpu=True) == {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}
+    assert server_thread_env(two, 1, cpu=True, trainer_ranks=2) == {
+        "OMP_NUM_THREADS": "4",
+        "MKL_NUM_THREADS": "4",
+    }
     tp2 = RolloutConfig(num_servers=2, server_args=("--tp", "2"))
-    assert server_thread_env(tp2, 1, cpu=True) == {
+    assert server_thread_env(tp2, 1, cpu=True, trainer_ranks=2) == {
         "OMP_NUM_THREADS": "2",
         "MKL_NUM_THREADS": "2",
         CPU_THREADS_BIND_ENV: "4,5|6,7",
     }
-    assert CPU_THREADS_BIND_ENV not in server_thread_env(tp2, 1, cpu=False)
-    pinned = RolloutConfig(num_servers=2, threads_per_server=1)
-    assert server_thread_env(pinned, 0, cpu=True)["OMP_NUM_THREADS"] == "1"
+    assert CPU_THREADS_BIND_ENV not in server_thread_env(tp2, 1, cpu=False, trainer_ranks=2)
+    crowded = server_thread_env(RolloutConfig(num_servers=2), 0, cpu=True, trainer_ranks=10)
+    assert crowded["OMP_NUM_THREADS"] == "1", "at least one thread"
+    pinned = RolloutConfig(num_servers=2, threads_per_server=3)
+    assert server_thread_env(pinned, 0, cpu=True, trainer_ranks=2)["OMP_NUM_THREADS"] == "3"
