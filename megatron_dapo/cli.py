@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import yaml
@@ -33,47 +32,33 @@ def _check_config(config: RunConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(config: RunConfig, args: argparse.Namespace) -> int:
-    """Train a policy with DAPO: the trainer, its rollout fleet and metrics (the main job)."""
-    from megatron_dapo.train import needs_relaunch, relaunch_under_torchrun, run
+def _on_local_ranks(
+    config: RunConfig, args: argparse.Namespace, run: Callable[[RunConfig], None]
+) -> int:
+    """`run(config)` on this rank; a run that wants several local ranks and was not started by
+    torchrun first re-executes `megatron-dapo COMMAND CONFIG overrides...` under it."""
+    from megatron_dapo.train import needs_relaunch, relaunch_under_torchrun
     from pipeline.parent_death import exit_with_parent
 
     if needs_relaunch(config):
-        return relaunch_under_torchrun(config, [args.config, *args.overrides])
+        return relaunch_under_torchrun(config, [args.command, args.config, *args.overrides])
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun rank, in a session of its own
         exit_with_parent()
     run(config)
     return 0
 
 
-def _relaunch_under_torchrun(config: RunConfig, args: argparse.Namespace) -> int:
-    """Run `megatron-dapo COMMAND CONFIG overrides...` on `launch.nproc_per_node` local ranks
-    under `torchrun --standalone`; its exit code (`train.relaunch_under_torchrun` is the same
-    for `train`)."""
-    from pipeline.parent_death import exit_with_parent
+def _train(config: RunConfig, args: argparse.Namespace) -> int:
+    """Train a policy with DAPO: the trainer, its rollout fleet and metrics (the main job)."""
+    from megatron_dapo.train import run
 
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={config.launch.nproc_per_node}",
-        "-m",
-        "megatron_dapo.cli",
-        args.command,
-        args.config,
-        *args.overrides,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.call(command, env=env, preexec_fn=exit_with_parent)
+    return _on_local_ranks(config, args, run)
 
 
 def _sft(config: RunConfig, args: argparse.Namespace) -> int:
     """Supervised warm-up of the policy on prompt/response pairs (`sft:`), writing an HF
     checkpoint that `train` starts from."""
     from megatron_dapo.sft import check_output_dir, run
-    from megatron_dapo.train import needs_relaunch
-    from pipeline.parent_death import exit_with_parent
     from pipeline.prompts import MalformedPromptData, read_rows
 
     sft = config.sft
@@ -90,12 +75,7 @@ def _sft(config: RunConfig, args: argparse.Namespace) -> int:
         except (FileExistsError, MalformedPromptData) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    if needs_relaunch(config):
-        return _relaunch_under_torchrun(config, args)
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun rank, in a session of its own
-        exit_with_parent()
-    run(config)
-    return 0
+    return _on_local_ranks(config, args, run)
 
 
 def _plan(config: RunConfig, args: argparse.Namespace) -> int:

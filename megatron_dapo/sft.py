@@ -55,7 +55,7 @@ def run(config: RunConfig) -> None:
     from megatron_dapo.mcore.parallel import DistributedEnv, destroy_parallel, initialize_parallel
     from megatron_dapo.mcore.sft_step import SFTTrainer
     from megatron_dapo.report.sft_report import SFTReporter
-    from megatron_dapo.train import _prepare_initial_checkpoint
+    from megatron_dapo.train import prepare_initial_checkpoint
     from pipeline.sft_data import SFTPairs
 
     sft = config.sft
@@ -68,7 +68,7 @@ def run(config: RunConfig) -> None:
     initialize_parallel(config.parallelism, DistributedEnv.from_environ(), config.training.seed)
     reporter = None
     try:
-        initial = _prepare_initial_checkpoint(config)
+        initial = prepare_initial_checkpoint(config)
         pairs = SFTPairs.from_config(sft.data, AutoTokenizer.from_pretrained(initial))
         per_epoch = pairs.steps_per_epoch(sft.batch_size)
         steps = total_steps(sft, per_epoch)

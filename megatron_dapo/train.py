@@ -50,7 +50,8 @@ T = TypeVar("T")
 
 
 def relaunch_under_torchrun(config: RunConfig, argv: Sequence[str]) -> int:
-    """Run `megatron-dapo train argv...` on `launch.nproc_per_node` local ranks; exit code."""
+    """Run `megatron-dapo argv...` (a command, its config and overrides) on
+    `launch.nproc_per_node` local ranks under `torchrun --standalone`; its exit code."""
     command = [
         sys.executable,
         "-m",
@@ -59,7 +60,6 @@ def relaunch_under_torchrun(config: RunConfig, argv: Sequence[str]) -> int:
         f"--nproc-per-node={config.launch.nproc_per_node}",
         "-m",
         "megatron_dapo.cli",
-        "train",
         *argv,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -92,7 +92,7 @@ def _broadcast_from_rank0(value: T | None) -> T:
     return holder[0]  # type: ignore[return-value]
 
 
-def _prepare_initial_checkpoint(config: RunConfig) -> Path:
+def prepare_initial_checkpoint(config: RunConfig) -> Path:
     """The HF checkpoint the run starts from, written first by rank 0 if `random_init` says so."""
     from megatron_dapo.hf.initial_checkpoint import ensure_initial_checkpoint
 
@@ -159,7 +159,7 @@ def run(config: RunConfig) -> None:
     if is_rank0:
         print(run_summary(config), flush=True)
     run_dir = Path(config.checkpoint.dir).parent
-    initial = _prepare_initial_checkpoint(config)
+    initial = prepare_initial_checkpoint(config)
     trainer = PolicyTrainer(config)
     models = trainer.models
     resume = _resume(config, trainer)
