@@ -262,10 +262,11 @@ class RolloutFleet:
         and, in embedded mode, restarted if their process exited."""
         metrics = metrics if metrics is not None else FleetMetrics()
 
-        def server(url: str) -> SGLangServerClient:
+        def server(url: str, batched: bool = True) -> SGLangServerClient:
             return SGLangServerClient(
                 url,
                 session,
+                batched=batched,
                 max_inflight=self.config.max_inflight_per_server,
                 timeout_s=self.config.request_timeout_s,
                 retry=RetryPolicy(max_retries=self.config.max_retries),
@@ -273,7 +274,7 @@ class RolloutFleet:
                 routing=self.routing,
             )
 
-        router = server(self.router_url) if self.router_url else None
+        router = server(self.router_url, batched=False) if self.router_url else None
         if revival is None:
             revival = RevivalPolicy(give_up_after_s=self.config.revival_timeout_s)
         return RolloutClient(

@@ -4,7 +4,8 @@ weight sync.
 `RolloutClient.generate_group` sends the G samples of a prompt as one request to the live
 server with the fewest samples outstanding (each server client bounds its own in-flight
 samples, so callers queue here when the fleet is saturated); in router mode the router client's
-bound is `max_inflight` of a worker times the live workers. When a server stops answering, its
+bound is `max_inflight` of a worker times the live workers, and it sends one request per sample
+(`sglang-router` takes one prompt per `/generate`). When a server stops answering, its
 requests are re-issued, whole, on the other servers: every call returns exactly its G
 responses, so no sample is lost or counted twice. A cancelled call aborts its samples on the
 server. A server that fails

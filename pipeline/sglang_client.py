@@ -238,6 +238,8 @@ class SGLangServerClient:
         routing: the MoE routing to ask every generation's routes of (`Generation.
             routed_experts`; the server runs with `--enable-return-routed-experts`); None =
             no routes.
+        batched: a group is one batched request; False = one request per sample (an
+            `sglang-router` answers a batch with 422: its `/generate` schema has one prompt).
     """
 
     url: str
@@ -247,6 +249,7 @@ class SGLangServerClient:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     metrics: FleetMetrics = field(default_factory=FleetMetrics)
     routing: ExpertRouting | None = None
+    batched: bool = True
     inflight: int = field(default=0, init=False)
     """Samples outstanding on this server."""
     _tp_size: int | None = field(default=None, init=False, repr=False)
@@ -330,41 +333,57 @@ class SGLangServerClient:
         self, input_ids: Sequence[int], params: Sequence[SamplingParams], rid: str | None = None
     ) -> list[Generation]:
         """`len(params)` responses to `input_ids` ([P] token ids), the i-th sampled with
-        `params[i]`, in one `/generate` request (request ids `sample_rids(rid, G)`), waiting
-        for a slot per sample.
+        `params[i]` (request id `sample_rids(rid, G)[i]`): one `/generate` request, or with
+        `batched` False one per sample, each waiting for a slot per sample.
 
         Raises:
             ServerRequestError: the server refused the request (the message names the prompt
                 length and `max_new_tokens`).
-            MalformedResponse: the answer is not a list of `len(params)` responses.
+            MalformedResponse: the answer is not `len(params)` responses.
             ResponseCutShort: the server stopped a response at its context or KV-pool limit
                 before `max_new_tokens` (SGLang does so silently).
         """
+        rids = sample_rids(rid or uuid.uuid4().hex, len(params))
+        if self.batched:
+            return await self._generate(input_ids, params, rids)
+        singles = await asyncio.gather(
+            *(self._generate(input_ids, [p], [r]) for p, r in zip(params, rids, strict=True))
+        )
+        return [generation for (generation,) in singles]
+
+    async def _generate(
+        self, input_ids: Sequence[int], params: Sequence[SamplingParams], rids: list[str]
+    ) -> list[Generation]:
+        """One `/generate` request of `len(params)` samples (a batch, or with `batched` False
+        a single one)."""
         count = len(params)
         longest = max(p.max_new_tokens for p in params)
         request = f"{count} x prompt of {len(input_ids)} tokens, max_new_tokens {longest}"
-        payload = {
-            "input_ids": [list(input_ids)] * count,
-            "sampling_params": [p.to_json() for p in params],
-            "return_logprob": True,
-            "rid": sample_rids(rid or uuid.uuid4().hex, count),
-        }
+        payload: dict[str, Any] = {"return_logprob": True}
+        if self.batched:
+            payload["input_ids"] = [list(input_ids)] * count
+            payload["sampling_params"] = [p.to_json() for p in params]
+            payload["rid"] = rids
+        else:
+            (single,), (payload["rid"],) = params, rids
+            payload["input_ids"], payload["sampling_params"] = list(input_ids), single.to_json()
         if self.routing is not None:
             payload["return_routed_experts"] = True
         try:
             body = await self._post_generate(payload, count)
         except ServerRequestError as error:
             raise ServerRequestError(f"{error} (request: {request})") from error
-        if not isinstance(body, list) or len(body) != count:
-            kind = type(body).__name__
-            shape = f"a list of {len(body)}" if isinstance(body, list) else f"a {kind}"
+        answers = body if self.batched else [body]
+        if not isinstance(answers, list) or len(answers) != count:
+            kind = type(answers).__name__
+            shape = f"a list of {len(answers)}" if isinstance(answers, list) else f"a {kind}"
             raise MalformedResponse(
                 f"{self.url}/generate answered with {shape}, not a list of {count} responses: "
                 f"{str(body)[:200]!r}"
             )
         generations = [
             Generation.from_response(answer, self.url, len(input_ids), self.routing)
-            for answer in body
+            for answer in answers
         ]
         for generation, sample in zip(generations, params, strict=True):
             length = len(generation.output_ids)

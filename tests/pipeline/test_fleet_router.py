@@ -42,7 +42,8 @@ def test_cluster_mode_connects_to_configured_urls_without_starting_anything():
     assert processes == []
     assert [w.url for w in client.workers] == ["http://10.0.0.1:30000", "http://10.0.0.2:30000"]
     assert client.router is not None and client.router.url == "http://10.0.0.9:30000"
-    assert all(w.max_inflight == 7 for w in client.workers)
+    assert all(w.max_inflight == 7 and w.batched for w in client.workers)
+    assert not client.router.batched, "the router takes one prompt per request"
     assert router_slots == [14, 7], "behind the router: 7 samples per live worker"
     per_host = 14 + CONTROL_CONNECTIONS  # the router carries both workers' samples
     assert (connector.limit_per_host, connector.limit) == (per_host, 3 * per_host)
@@ -71,7 +72,8 @@ def test_generation_goes_through_the_router_and_aborts_go_to_workers(live_urls, 
     async def main():
         async with aiohttp.ClientSession() as session:
             workers = [SGLangServerClient(u, session) for u in live_urls]
-            client = RolloutClient(workers, router=SGLangServerClient(router_url, session))
+            router = SGLangServerClient(router_url, session, batched=False)
+            client = RolloutClient(workers, router=router)
             results = await asyncio.gather(
                 *(client.generate([2, 40, 41], params) for _ in range(6))
             )

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.rollout_client import RolloutClient
-from pipeline.sglang_client import Generation, SamplingParams, SGLangServerClient
+from pipeline.sglang_client import Generation, SamplingParams, SGLangServerClient, sample_rids
 from pipeline.sglang_server import free_port
 from pipeline.weight_sync import WeightSender, WeightSync, pack_buckets
 
@@ -156,7 +156,7 @@ def test_abort_ends_a_running_request(tiny_models, live_urls):
         task = asyncio.create_task(server.generate(prompt, long, rid="abort-me"))
         await asyncio.sleep(1.0)
         for _ in range(60):  # repeated: an abort that beats the request to the server is a no-op
-            await server.abort("abort-me")
+            await server.abort(sample_rids("abort-me", 1)[0])
             await asyncio.wait({task}, timeout=0.5)
             if task.done():
                 break
