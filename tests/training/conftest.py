@@ -19,3 +19,14 @@ def single_rank():
     initialize_parallel(ParallelismConfig(backend="gloo"), env, seed=0)
     yield
     destroy_parallel()
+
+
+@pytest.fixture(autouse=True)
+def fresh_moe_loss_tracker():
+    """Megatron-Core keeps MoE auxiliary losses in one process-wide tracker, its tensors sized
+    by the first model's layer count: a test's MoE forward must not leak into the next test,
+    whose model may have more layers (IndexError in `save_to_aux_losses_tracker`)."""
+    yield
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()
