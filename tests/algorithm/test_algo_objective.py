@@ -26,7 +26,9 @@ IDS = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
 DAPO = ObjectiveConfig("dapo", "token-mean", PolicyLossConfig(dual_clip_c=3.0))
 
 
-def _objective(config: ObjectiveConfig, keep: slice = slice(None), normalizers=None):
+def _objective(
+    config: ObjectiveConfig, keep: slice = slice(None), normalizers=None, ref_log_probs=None
+):
     log_probs = RATIOS.log()[keep].clone().requires_grad_()
     entropy = ENTROPY[keep].clone().requires_grad_()
     normalizers = normalizers or count_loss_normalizers([MASK], [IDS])
@@ -39,6 +41,7 @@ def _objective(config: ObjectiveConfig, keep: slice = slice(None), normalizers=N
         IDS[keep],
         normalizers,
         config,
+        ref_log_probs=ref_log_probs,
     )
     return share, stats, log_probs, entropy
 
@@ -161,21 +164,9 @@ def test_kl_penalty_adds_kl_coef_times_the_aggregated_kl_gradient(
 ) -> None:
     policy_only = ObjectiveConfig("dapo", aggregation, DAPO.loss)
     with_kl = ObjectiveConfig("dapo", aggregation, DAPO.loss, kl_coef=0.1, kl_estimator=estimator)
-    normalizers = count_loss_normalizers([MASK], [IDS])
     results = []
     for config in (policy_only, with_kl):
-        log_probs = RATIOS.log().clone().requires_grad_()
-        share, stats = policy_objective(
-            log_probs,
-            ENTROPY,
-            torch.zeros(8, dtype=torch.float64),
-            ADVANTAGES,
-            MASK,
-            IDS,
-            normalizers,
-            config,
-            ref_log_probs=REF_LOG_PROBS,
-        )
+        share, stats, log_probs, _ = _objective(config, ref_log_probs=REF_LOG_PROBS)
         share.backward()
         results.append((share, stats, log_probs.grad))
     (policy_share, policy_stats, policy_grad), (share, stats, grad) = results
@@ -206,18 +197,7 @@ def test_without_kl_coef_the_share_is_bitwise_the_policy_loss_alone() -> None:
     normalizers = count_loss_normalizers([MASK], [IDS])
     outcomes = []
     for ref_log_probs in (None, REF_LOG_PROBS):
-        log_probs = RATIOS.log().clone().requires_grad_()
-        share, stats = policy_objective(
-            log_probs,
-            ENTROPY,
-            torch.zeros(8, dtype=torch.float64),
-            ADVANTAGES,
-            MASK,
-            IDS,
-            normalizers,
-            DAPO,
-            ref_log_probs=ref_log_probs,
-        )
+        share, stats, log_probs, _ = _objective(DAPO, ref_log_probs=ref_log_probs)
         share.backward()
         outcomes.append((share.detach(), log_probs.grad, stats.as_tensor()))
     log_probs = RATIOS.log().clone().requires_grad_()
