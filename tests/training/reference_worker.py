@@ -26,6 +26,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hf_worker import make_hf_checkpoint  # noqa: E402
+from pi_old_worker import SCENARIOS as PI_OLD_SCENARIOS  # noqa: E402
 from pi_old_worker import fleet_batch  # noqa: E402
 from training_helpers import tiny_run_config  # noqa: E402
 
@@ -38,10 +39,8 @@ from megatron_dapo.mcore.parallel import (  # noqa: E402
 from megatron_dapo.mcore.policy_step import PolicyTrainer  # noqa: E402
 
 SCENARIOS = {
-    "qwen2_tp2_sp": ("qwen2", {"tensor": 2, "sequence_parallel": True}),  # qkv bias, tied
-    "qwen2_pp2": ("qwen2", {"pipeline": 2}),  # tied embeddings on two stages
-    "llama_pp2_vpp2": ("llama", {"pipeline": 2, "virtual_pipeline": 2}),
-    "qwen3_moe_ep2": ("qwen3_moe", {"expert": 2, "expert_tensor": 1}),
+    name: PI_OLD_SCENARIOS[name]
+    for name in ("qwen2_tp2_sp", "qwen2_pp2", "llama_pp2_vpp2", "qwen3_moe_ep2")
 }
 
 
