@@ -6,8 +6,12 @@ needs to continue exactly where it stopped.
         rng/rank<r>.pt                 torch (CPU, CUDA), Python and NumPy RNG states, Megatron's
                                        model-parallel RNG tracker, per global rank
         pipeline.pt                    rank 0: the data plane's state (prompt position, carried
-                                       groups, group counters) and the step
+                                       groups, group counters), the step and the parallel layout
         complete                       written last: a directory without it is ignored
+
+A checkpoint resumes in the layout that wrote it (`parallelism`: TP, PP, virtual stages, EP,
+expert TP, distributed optimizer) and with the same number of ranks; a run changes layout by
+starting from an HF export instead.
 
 A crash while saving leaves a directory without `complete`, which `latest_checkpoint` skips
 and the next save of the same step replaces. Only the newest `checkpoint.keep_last` complete
@@ -33,6 +37,15 @@ from megatron_dapo.mcore.policy_step import PolicyTrainer
 _STEP_DIR = re.compile(r"step(\d+)")
 _COMPLETE = "complete"
 _PIPELINE_STATE = "pipeline.pt"
+_LAYOUT_FIELDS = (
+    "tensor",
+    "pipeline",
+    "virtual_pipeline",
+    "expert",
+    "expert_tensor",
+    "distributed_optimizer",
+)
+"""The `parallelism` fields that decide how the checkpoint's tensors are sharded."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +111,8 @@ def save_run_checkpoint(
     rng_dir.mkdir(exist_ok=True)
     torch.save(_rng_states(), rng_dir / f"rank{dist.get_rank()}.pt")
     if is_rank0:
-        torch.save({"step": step, "pipeline": pipeline_state}, directory / _PIPELINE_STATE)
+        saved = {"step": step, "pipeline": pipeline_state, "layout": _layout(trainer)}
+        torch.save(saved, directory / _PIPELINE_STATE)
     dist.barrier()
     if is_rank0:
         (directory / _COMPLETE).write_text(f"{step}\n")
@@ -115,17 +129,34 @@ def load_run_checkpoint(trainer: PolicyTrainer, directory: str | Path) -> Resume
         FileNotFoundError: no RNG states were saved for this rank (another world size).
     """
     directory = Path(directory)
-    load_checkpoint(trainer, directory)
+    saved = torch.load(directory / _PIPELINE_STATE, weights_only=False)
+    layout = _layout(trainer)
+    if saved["layout"] != layout:
+        differing = ", ".join(
+            f"{name} {saved['layout'][name]} (this run: {layout[name]})"
+            for name in _LAYOUT_FIELDS
+            if saved["layout"][name] != layout[name]
+        )
+        raise ValueError(
+            f"{directory} was written with another parallelism: {differing}; a run checkpoint "
+            "resumes only in its own layout (start a new run from an HF export of its weights "
+            "to change it)"
+        )
     rank_file = directory / "rng" / f"rank{dist.get_rank()}.pt"
     if not rank_file.is_file():
         raise FileNotFoundError(
             f"{rank_file} is missing: {directory} was written by a run with fewer ranks; "
             "exact resume needs the same number of ranks"
         )
+    load_checkpoint(trainer, directory)
     _set_rng_states(torch.load(rank_file, weights_only=False))
-    saved = torch.load(directory / _PIPELINE_STATE, weights_only=False)
     pipeline_state = saved["pipeline"] if dist.get_rank() == 0 else None
     return ResumePoint(step=saved["step"], pipeline_state=pipeline_state)
+
+
+def _layout(trainer: PolicyTrainer) -> dict[str, Any]:
+    parallelism = trainer.config.parallelism
+    return {name: getattr(parallelism, name) for name in _LAYOUT_FIELDS}
 
 
 def _rng_states() -> dict[str, Any]:

@@ -68,3 +68,15 @@ def test_save_prune_and_resume(trainer: PolicyTrainer, tmp_path: Path) -> None:
 def test_no_checkpoint_in_a_missing_or_empty_directory(tmp_path: Path) -> None:
     assert latest_checkpoint(tmp_path / "missing") is None
     assert latest_checkpoint(tmp_path) is None
+
+
+def test_a_checkpoint_of_another_layout_is_refused_by_name(
+    trainer: PolicyTrainer, tmp_path: Path
+) -> None:
+    directory = save_run_checkpoint(trainer, tmp_path, 1, None, 1)
+    state = torch.load(directory / "pipeline.pt", weights_only=False)
+    assert state["layout"]["tensor"] == trainer.config.parallelism.tensor == 1
+    state["layout"] = {**state["layout"], "tensor": 2, "expert": 4}  # what a TP2 EP4 run saves
+    torch.save(state, directory / "pipeline.pt")
+    with pytest.raises(ValueError, match=r"tensor 2 \(this run: 1\), expert 4 \(this run: 1\)"):
+        load_run_checkpoint(trainer, directory)
