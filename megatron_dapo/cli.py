@@ -4,11 +4,13 @@ megatron-dapo check-config CONFIG [dotted.key=value ...]   validate and print th
 megatron-dapo train CONFIG [dotted.key=value ...]          DAPO training (the main job)
 megatron-dapo sft CONFIG [dotted.key=value ...]            supervised warm-up (`sft:` section)
 megatron-dapo plan CONFIG [--gpu-memory-gib 80] [...]     per-GPU memory and GPU counts
+megatron-dapo eval CONFIG CHECKPOINT [...] [--output F]    held-out evaluation of a checkpoint
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -88,7 +90,38 @@ def _plan(config: RunConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"check-config": _check_config, "train": _train, "sft": _sft, "plan": _plan}
+def _eval(config: RunConfig, args: argparse.Namespace) -> int:
+    """Evaluate an HF checkpoint (a run's `weights/v<N>`, any HF directory) on the config's
+    `eval.datasets` with an embedded SGLang fleet: prints a table and writes a JSON result
+    (numbers and every judged sample). Generation and scoring only: no torchrun, no Megatron."""
+    from pipeline.checkpoint_eval import evaluate_checkpoint
+
+    checkpoint = Path(os.path.expanduser(args.checkpoint))
+    run_dir = Path(config.checkpoint.dir).parent
+    output = Path(args.output) if args.output else run_dir / "eval" / f"{checkpoint.name}.json"
+    try:
+        report = evaluate_checkpoint(
+            config.data_plane_config(), checkpoint, output.parent / f"{checkpoint.name}-fleet"
+        )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"eval of {checkpoint} ({report.seconds:.1f}s)")
+    print(report.table())
+    output.parent.mkdir(parents=True, exist_ok=True)
+    result = {"config": str(args.config), "checkpoint": str(checkpoint), **report.record(True)}
+    output.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"result: {output}")
+    return 0
+
+
+COMMANDS = {
+    "check-config": _check_config,
+    "train": _train,
+    "sft": _sft,
+    "plan": _plan,
+    "eval": _eval,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,6 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, fn in COMMANDS.items():
         command = sub.add_parser(name, help=(fn.__doc__ or name).split("\n")[0])
         command.add_argument("config", help="run config YAML (see configs/)")
+        if fn is _eval:
+            command.add_argument("checkpoint", help="HF checkpoint directory to evaluate")
+            command.add_argument(
+                "--output", help="JSON result (default: <run dir>/eval/<checkpoint name>.json)"
+            )
         command.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.steps=5")
         if fn is _plan:
             command.add_argument(

@@ -21,6 +21,9 @@
                       disk, update groups, or tensors; `pipeline.weight_sync`); metrics
                       (with the trainer's and the fleet's idle time), progress and a summary
                       line
+             rank 0   every `eval.interval` steps and after the last: the held-out sets on
+                      the fleet, which now serves version k + 1 (`DataPlane.evaluate`), into
+                      the step's record and line
              all      every `checkpoint.save_interval` steps: a run checkpoint
                       (`run_checkpoint`: Megatron distributed checkpoint, RNG, queue state
                       with the prefetched groups of the next step)
@@ -232,6 +235,9 @@ def run(config: RunConfig) -> None:
             prefetched = time.perf_counter()
             sync_weights(version + 1)
             synced = time.perf_counter()
+            evaluation = None
+            if data_plane is not None and config.eval.due(version + 1, steps):
+                evaluation = data_plane.evaluate(version + 1)  # the policy just synced
             if reporter is not None:
                 phases = {
                     "generate": generated - started,
@@ -239,9 +245,11 @@ def run(config: RunConfig) -> None:
                     "prefetch_wait": prefetched - trained,
                     "weight_sync": synced - prefetched,
                 }
+                if evaluation is not None:
+                    phases["eval"] = time.perf_counter() - synced
                 busy = data_plane.fleet_busy_seconds - busy
                 metrics = summarize_step(version, batch, stats, trained_batch, phases, busy)
-                reporter.report(metrics, stats)
+                reporter.report(metrics, stats, evaluation)
             interval = config.checkpoint.save_interval
             if interval and (version + 1) % interval == 0 and version + 1 < steps:
                 save(version + 1)

@@ -1,5 +1,5 @@
-"""Configuration sections owned by the data plane: rollout fleet, prompt data, rewards and
-dynamic sampling.
+"""Configuration sections owned by the data plane: rollout fleet, prompt data, rewards, dynamic
+sampling and evaluation on held-out prompts.
 
 Each section is a frozen pydantic model that rejects unknown keys; `megatron_dapo.config.schema`
 composes them into the run configuration. Lengths are in tokens, times in seconds.
@@ -13,7 +13,12 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.sglang_server import GPU_PLACEMENT_FLAGS, MEMORY_FRACTION_FLAG, server_flag_value
+from pipeline.sglang_server import (
+    GPU_PLACEMENT_FLAGS,
+    MEMORY_FRACTION_FLAG,
+    sample_token_budget,
+    server_flag_value,
+)
 
 DEFAULT_BUCKET_MB = 512
 """`rollout.weight_sync_bucket_mb` unless configured (slime's `--update-weight-buffer-size`)."""
@@ -286,3 +291,89 @@ class DynamicSamplingConfig(Section):
     (`pipeline.oversampling`), so hard or easy prompt sets need few rounds."""
     min_keep_rate: float = Field(0.05, gt=0.0, le=1.0)
     """Floor of the estimated keep rate."""
+
+
+EVAL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+"""Held-out dataset names: Prometheus label values and JSON keys."""
+
+
+class EvalDatasetConfig(DataConfig):
+    """One held-out prompt set: a prompt source like `data` (jsonl / parquet / reasoning_gym,
+    e.g. the training task with another `seed`), its name, and how many of its prompts are
+    evaluated. `max_prompt_length` defaults to `data.max_prompt_length` in a run config."""
+
+    section: ClassVar[str] = "eval.datasets"
+    name: str = Field(pattern=EVAL_NAME_PATTERN)
+    """Labels the dataset's metrics (Prometheus `dataset`, `metrics.jsonl`, the printed lines)."""
+    max_prompts: int | None = Field(None, ge=1)
+    """Evaluate the first this many prompts of the source's order (seeded by `seed` when
+    `shuffle`); None = every row."""
+
+
+class EvalConfig(Section):
+    """Evaluation of the policy on held-out prompts during training (`interval`) and by
+    `megatron-dapo eval`: n samples per prompt, scored by the run's reward function
+    (correctness only, no overlong shaping), summarised as mean@k and pass@k
+    (`pipeline.eval_metrics`), mean response length (tokens) and truncation rate."""
+
+    datasets: tuple[EvalDatasetConfig, ...] = ()
+    interval: int = Field(0, ge=0)
+    """Evaluate every this many steps (after the step's weight sync, so the fleet serves the
+    policy just trained) and after the last step; 0 = off."""
+    n_samples: int = Field(1, ge=1)
+    """Responses sampled per prompt (n of pass@k)."""
+    temperature: float = Field(0.0, ge=0.0)
+    """0 = greedy decoding."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_response_length: int | None = Field(None, ge=1)
+    """Generation limit per response, tokens; None = `rollout.max_response_length`."""
+    ks: tuple[int, ...] = (1,)
+    """The k of mean@k and pass@k, each in [1, n_samples]."""
+    sampling_seed: int = 0
+    """Base of the per-response sampling seeds (with the dataset's `seed`, the prompt's position
+    and the sample's index), so an evaluation is reproducible on servers started with
+    `--enable-deterministic-inference` (`rollout.deterministic`)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        if self.interval and not self.datasets:
+            raise ValueError(
+                f"eval.interval={self.interval} needs at least one eval.datasets entry"
+            )
+        names = [d.name for d in self.datasets]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"eval.datasets names must be unique, repeated: {repeated}")
+        bad = [k for k in self.ks if not 1 <= k <= self.n_samples]
+        if bad or not self.ks:
+            raise ValueError(
+                f"eval.ks={list(self.ks)}: every k must be in [1, eval.n_samples="
+                f"{self.n_samples}] (pass@k needs at least k samples per prompt), and one at least"
+            )
+        if len(set(self.ks)) != len(self.ks):
+            raise ValueError(f"eval.ks={list(self.ks)} repeats a k")
+        if self.temperature == 0 and self.n_samples > 1:
+            raise ValueError(
+                f"eval.temperature=0 is greedy decoding: all eval.n_samples={self.n_samples} "
+                "samples of a prompt would be the same; set n_samples: 1 or a temperature > 0"
+            )
+        return self
+
+    def due(self, steps_done: int, total_steps: int) -> bool:
+        """Whether the policy after `steps_done` of `total_steps` steps is evaluated: every
+        `interval` steps and after the last; never with `interval` 0."""
+        return bool(self.interval) and (
+            steps_done % self.interval == 0 or steps_done == total_steps
+        )
+
+    def response_length(self, rollout: RolloutConfig) -> int:
+        """`max_response_length`, else the rollout's, tokens."""
+        return self.max_response_length or rollout.max_response_length
+
+    def sample_tokens(self, rollout: RolloutConfig) -> int:
+        """The longest evaluation request (`sample_token_budget` of a dataset's
+        `max_prompt_length` and the response length), tokens; 0 without datasets."""
+        response = self.response_length(rollout)
+        return max(
+            (sample_token_budget(d.max_prompt_length, response) for d in self.datasets), default=0
+        )

@@ -8,12 +8,14 @@
     plane.finish_prefetch()                             # overlap: the next step's groups are in
     pending = plane.start_weight_sync(version)          # the stage senders stream meanwhile
     pending.result()                                    # the fleet serves `version`
+    report = plane.evaluate(version)                    # eval: the held-out sets on `version`
     plane.close()                                       # servers stopped by PID
 
 It runs on an asyncio loop in a daemon thread and offers blocking calls. It owns the fleet, the
 HTTP session, the prompt source, the reward scorer, the dynamic-sampling queue and the
 weight-sync strategy (`pipeline.weight_sync.WeightSync`, the only code that changes the fleet's
-weight version), and with `rollout.placement=colocated` the servers' memory hand-over
+weight version), the evaluator of the held-out sets (`pipeline.evaluation`, with `eval.interval`
+set), and with `rollout.placement=colocated` the servers' memory hand-over
 around training (`pipeline.colocation`). It is handed `DataPlaneConfig`, the sections it
 needs, never the run configuration.
 
@@ -49,6 +51,7 @@ from pipeline.advantages import AdvantageConfig
 from pipeline.config import (
     DataConfig,
     DynamicSamplingConfig,
+    EvalConfig,
     RewardConfig,
     RolloutConfig,
     Section,
@@ -61,6 +64,7 @@ if TYPE_CHECKING:  # the run config imports this module: keep its import light
     from prometheus_client import CollectorRegistry
 
     from pipeline.dynamic_sampling import StepStats
+    from pipeline.evaluation import EvalReport, Evaluator
     from pipeline.train_batch import TrainBatch
 
 T = TypeVar("T")
@@ -86,6 +90,8 @@ class DataPlaneConfig(Section):
     routing: ExpertRouting | None = None
     """MoE routing replay (`algorithm.routing_replay: rollout`): the fleet returns every
     token's routed experts, which the batches carry; None = no routes."""
+    eval: EvalConfig = EvalConfig()
+    """Held-out evaluation; its datasets are loaded only with `eval.interval` set."""
 
 
 class DataPlane:
@@ -107,8 +113,9 @@ class DataPlane:
 
         self.config = config
         # the longest request: every server must hold it (embedded ones are started so)
-        self.sample_tokens = sample_token_budget(
-            config.data.max_prompt_length, config.rollout.max_response_length
+        self.sample_tokens = max(
+            sample_token_budget(config.data.max_prompt_length, config.rollout.max_response_length),
+            config.eval.sample_tokens(config.rollout) if config.eval.interval else 0,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -146,7 +153,8 @@ class DataPlane:
 
         from pipeline.colocation import FleetColocation
         from pipeline.dynamic_sampling import DynamicSamplingQueue
-        from pipeline.metrics import FleetMetrics, QueueMetrics
+        from pipeline.evaluation import Evaluator
+        from pipeline.metrics import EvalMetrics, FleetMetrics, QueueMetrics
         from pipeline.prompts import PromptSource
         from pipeline.rewards import get_reward_scorer
         from pipeline.weight_sync import WeightSync
@@ -162,6 +170,18 @@ class DataPlane:
         self.scorer = get_reward_scorer(
             config.reward.function, config.reward.num_workers, config.reward.timeout_s
         )
+        stop_token_ids = resolve_stop_token_ids(config.rollout.stop_token_ids, model_path)
+        self.evaluator: Evaluator | None = None
+        if config.eval.interval:
+            self.evaluator = Evaluator.create(
+                config.eval,
+                config.rollout,
+                config.reward.score_truncated,
+                tokenizer,
+                self.scorer,
+                stop_token_ids,
+                EvalMetrics(registry, run=config.run_name),
+            )
         self.queue = DynamicSamplingQueue(
             prompts=PromptSource.from_config(config.data, tokenizer),
             engine=self.client,
@@ -173,7 +193,7 @@ class DataPlane:
             sampling=config.sampling,
             overlong=config.reward.overlong,
             metrics=QueueMetrics(registry, run=config.run_name),
-            stop_token_ids=resolve_stop_token_ids(config.rollout.stop_token_ids, model_path),
+            stop_token_ids=stop_token_ids,
             score_truncated=config.reward.score_truncated,
             async_mode=config.rollout.overlaps_generation,
         )
@@ -209,8 +229,24 @@ class DataPlane:
 
     @property
     def fleet_busy_seconds(self) -> float:
-        """Wall time the fleet has spent generating for the queue so far (seconds)."""
-        return self.queue.busy_seconds
+        """Wall time the fleet has spent generating for the queue and evaluations so far
+        (seconds)."""
+        evaluating = self.evaluator.busy_seconds if self.evaluator is not None else 0.0
+        return self.queue.busy_seconds + evaluating
+
+    def evaluate(self, policy_version: int) -> EvalReport:
+        """Evaluate the policy the fleet serves (`policy_version`, after its weight sync) on the
+        held-out sets; call between steps, with no prefetch running (colocated: the servers
+        first take back their KV cache). Touches neither the prompt stream nor the queue.
+
+        Raises:
+            RuntimeError: the run has no evaluation (`eval.interval` 0).
+        """
+        if self.evaluator is None:
+            raise RuntimeError("DataPlane.evaluate needs eval.interval > 0 and eval.datasets")
+        if self.colocation is not None:
+            self._run(self.colocation.before_generation())
+        return self._run(self.evaluator.evaluate(self.client, policy_version))
 
     def before_training(self) -> None:
         """Colocated placement: the servers release their KV cache and weights for the

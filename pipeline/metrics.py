@@ -80,8 +80,8 @@ class RunMetrics(ABC):
         family = Counter(f"{self._prefix}_{name}", doc, ["run", label], registry=self.registry)
         return RunFamily(family, self.run)
 
-    def _gauge_family(self, name: str, doc: str, label: str) -> RunFamily[Gauge]:
-        family = Gauge(f"{self._prefix}_{name}", doc, ["run", label], registry=self.registry)
+    def _gauge_family(self, name: str, doc: str, *labels: str) -> RunFamily[Gauge]:
+        family = Gauge(f"{self._prefix}_{name}", doc, ["run", *labels], registry=self.registry)
         return RunFamily(family, self.run)
 
 
@@ -178,3 +178,35 @@ class QueueMetrics(RunMetrics):
             "queue_generation_tokens_per_second",
             "Response tokens per second of generation in the last step",
         )
+
+
+class EvalMetrics(RunMetrics):
+    """Held-out evaluation metrics (`pipeline.evaluation`), labelled by dataset name.
+
+    Attributes:
+        registry: the registry holding the series.
+        run: the `run` label value.
+        score: `mean@k` / `pass@k` of the last evaluation, by `dataset` and `metric` (gauge,
+            ratio in [0, 1]).
+        response_length: mean response length of the last evaluation, by `dataset` (gauge,
+            tokens).
+        truncated_ratio: share of responses cut at the length limit, by `dataset` (gauge).
+        policy_version: the policy version last evaluated (gauge).
+        seconds: wall time of the last evaluation, all datasets (gauge, seconds).
+    """
+
+    def _create(self) -> None:
+        self.score = self._gauge_family(
+            "eval_score_ratio",
+            "Held-out mean@k / pass@k of the last evaluation",
+            "dataset",
+            "metric",
+        )
+        self.response_length = self._gauge_family(
+            "eval_response_length_tokens", "Mean held-out response length", "dataset"
+        )
+        self.truncated_ratio = self._gauge_family(
+            "eval_truncated_ratio", "Share of held-out responses cut at the length limit", "dataset"
+        )
+        self.policy_version = self._gauge("eval_policy_version", "Policy version last evaluated")
+        self.seconds = self._gauge("eval_seconds", "Wall time of the last evaluation")

@@ -212,6 +212,35 @@ def _with_template(row: PromptRow, template: str) -> PromptRow:
     return PromptRow(messages, row.ground_truth)
 
 
+def held_out_prompts(
+    config: DataConfig, tokenizer: ChatTokenizer, limit: int | None = None
+) -> tuple[list[Prompt], int]:
+    """A fixed prompt set (evaluation): the first `limit` prompts (all if None) of the
+    source's first epoch order that fit `max_prompt_length`, and how many were skipped as
+    longer. Each row is used at most once; no stream position changes.
+
+    Raises:
+        ValueError: no prompt fits `max_prompt_length`.
+        MalformedPromptData: a file has malformed rows.
+    """
+    rows = load_rows(config)
+    prompts: list[Prompt] = []
+    skipped = 0
+    for index in epoch_order(len(rows), config.seed, 0, config.shuffle):
+        if limit is not None and len(prompts) == limit:
+            break
+        input_ids = prompt_token_ids(tokenizer, rows[index].messages, config.apply_chat_template)
+        if len(input_ids) > config.max_prompt_length:
+            skipped += 1
+            continue
+        prompts.append(Prompt(index, tuple(input_ids), rows[index].ground_truth))
+    if not prompts:
+        raise ValueError(
+            f"no prompt of the {len(rows)} rows fits max_prompt_length={config.max_prompt_length}"
+        )
+    return prompts, skipped
+
+
 def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
     """The row indices of one epoch: a permutation seeded by `seed + epoch`, or file order."""
     if not shuffle:

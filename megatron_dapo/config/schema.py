@@ -3,7 +3,7 @@
 `RunConfig` composes the training-plane sections defined here (model, parallelism, algorithm,
 optimizer, training, metrics, checkpoint, launch, and the supervised warm-up's sft) with the
 data-plane sections that `pipeline` owns (rollout, data, reward, dynamic sampling, advantage,
-sft.data). Every section is frozen and rejects
+eval, sft.data). Every section is frozen and rejects
 unknown keys; cross-section rules live in `RunConfig._check_consistency`. The algorithm's names,
 pairings and hyper-parameter ranges come from `megatron_dapo.algo` and `pipeline.advantages`
 (registries, `PAPER_RECIPES`, `LOSS_PARAMETER_RANGES`) and are checked here, once, at load time.
@@ -43,6 +43,7 @@ from pipeline.colocation import embedded_server_gpus
 from pipeline.config import (
     DataConfig,
     DynamicSamplingConfig,
+    EvalConfig,
     RewardConfig,
     RolloutConfig,
     Section,
@@ -510,6 +511,35 @@ class RunConfig(Section):
     debug: TensorInspectConfig = TensorInspectConfig()
     sft: SFTConfig | None = None
     """Supervised fine-tuning before RL (`megatron-dapo sft`); unused by `train`."""
+    eval: EvalConfig = EvalConfig()
+    """Held-out evaluation during training (`eval.interval`) and by `megatron-dapo eval`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _eval_length_defaults(cls, data: Any) -> Any:
+        """Unset `eval.max_response_length` is the rollout's; an eval dataset's unset
+        `max_prompt_length` is `data.max_prompt_length`."""
+        if not isinstance(data, dict) or not isinstance(data.get("eval"), dict):
+            return data
+
+        def given(section: str, key: str, default: Any) -> Any:
+            values = data.get(section)
+            return values.get(key, default) if isinstance(values, dict) else default
+
+        evaluation = dict(data["eval"])
+        if evaluation.get("max_response_length") is None:
+            default = RolloutConfig.model_fields["max_response_length"].default
+            evaluation["max_response_length"] = given("rollout", "max_response_length", default)
+        prompt_length = given(
+            "data", "max_prompt_length", DataConfig.model_fields["max_prompt_length"].default
+        )
+        datasets = evaluation.get("datasets")
+        if isinstance(datasets, list | tuple):
+            evaluation["datasets"] = [
+                {"max_prompt_length": prompt_length, **d} if isinstance(d, dict) else d
+                for d in datasets
+            ]
+        return {**data, "eval": evaluation}
 
     @property
     def loss_norm_constant(self) -> float:
@@ -530,6 +560,7 @@ class RunConfig(Section):
             policy_dtype=self.model.params_dtype,
             trainer_local_ranks=self.launch.nproc_per_node,
             routing=self.expert_routing(),
+            eval=self.eval,
         )
 
     def expert_routing(self) -> ExpertRouting | None:
@@ -566,6 +597,21 @@ class RunConfig(Section):
                 f"training.micro_batch_max_tokens={self.training.micro_batch_max_tokens}: "
                 "raise it or lower the lengths"
             )
+
+    def _check_eval_length(self) -> None:
+        """Every eval dataset's longest prompt plus `eval.max_response_length` fits the
+        model's context as the fleet serves it."""
+        context = self.model.max_position_embeddings
+        response = self.eval.response_length(self.rollout)
+        for dataset in self.eval.datasets:
+            needed = sample_token_budget(dataset.max_prompt_length, response)
+            if needed > context:
+                raise ValueError(
+                    f"eval dataset {dataset.name!r}: a prompt of max_prompt_length="
+                    f"{dataset.max_prompt_length} and a response of eval.max_response_length="
+                    f"{response} need {needed} tokens of the model's context (the server keeps "
+                    f"some), more than model.max_position_embeddings={context}: lower them"
+                )
 
     def _check_sft_length(self) -> None:
         """A pair of `sft.data.max_length` tokens fits the model's context and one
@@ -652,6 +698,7 @@ class RunConfig(Section):
                 "on the log-probs of sampled tokens"
             )
         self._check_length_budget()
+        self._check_eval_length()
         if self.sft is not None:
             self._check_sft_length()
         if self.rollout.placement == "colocated":  # every server shares trainer ranks' GPUs

@@ -18,11 +18,19 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 PREFIX = "dapo"
-STEP_PHASES = ("generate", "reward", "old_log_probs", "train", "prefetch_wait", "weight_sync")
+STEP_PHASES = (
+    "generate",
+    "reward",
+    "old_log_probs",
+    "train",
+    "prefetch_wait",
+    "weight_sync",
+    "eval",
+)
 OVERLAPPING = ("reward",)
 """Phases that run during another phase (reward calls, during generation)."""
-TRAINER_IDLE_PHASES = ("generate", "prefetch_wait")
-"""Phases in which the trainer waits for the fleet's samples."""
+TRAINER_IDLE_PHASES = ("generate", "prefetch_wait", "eval")
+"""Phases in which the trainer waits for the fleet (its samples, or a held-out evaluation)."""
 
 
 def step_wall_seconds(phase_seconds: Mapping[str, float]) -> float:
@@ -71,7 +79,8 @@ class StepMetrics:
     trainer waited for its batch (all of the generation when sequential, what the prefetch
     did not cover with overlap); `prefetch_wait` the time it waited, with overlap, for the
     next step's groups before the weight sync. `reward` is the time of the reward calls, which
-    run while other groups generate (it overlaps `generate`)."""
+    run while other groups generate (it overlaps `generate`). `eval` (only in steps that
+    evaluate) is the held-out evaluation after the weight sync."""
     fleet_idle_seconds: float = 0.0
     """Wall time of the step in which the fleet generated nothing for the queue (waiting for
     the trainer and the weight sync)."""

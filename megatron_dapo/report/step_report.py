@@ -1,6 +1,7 @@
 """Rank 0's account of one RL step: metrics from the batch, the queue and the optimizer steps,
 exported to Prometheus, appended to the run's `metrics.jsonl`, and shown as a progress bar plus
-one summary line per step."""
+one summary line per step; in steps that evaluate, the held-out evaluation too (the record's
+`eval` field, one line per dataset; the data plane exports its series)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from megatron_dapo.config.schema import RunConfig
 from megatron_dapo.mcore.policy_step import TrainResult
 from megatron_dapo.report.prometheus import StepMetrics, TrainerMetricsExporter, step_wall_seconds
 from pipeline.dynamic_sampling import StepStats
+from pipeline.evaluation import EvalReport
 from pipeline.overlong import TRUNCATED_FINISH_REASON
 from pipeline.train_batch import TrainBatch
 
@@ -137,10 +139,13 @@ def summarize_step(
     )
 
 
-def step_record(m: StepMetrics, stats: StepStats) -> dict[str, object]:
-    """One line of `metrics.jsonl`: every `StepMetrics` field, the idle times, and the queue's
-    group counts."""
-    return {
+def step_record(
+    m: StepMetrics, stats: StepStats, evaluation: EvalReport | None = None
+) -> dict[str, object]:
+    """One line of `metrics.jsonl`: every `StepMetrics` field, the idle times, the queue's
+    group counts and, in a step that evaluated, `eval` (`EvalReport.record`: the policy
+    version, the seconds, and per dataset mean@k / pass@k, response length, truncation)."""
+    record: dict[str, object] = {
         **dataclasses.asdict(m),
         "trainer_idle_seconds": m.trainer_idle_seconds,
         "trainer_idle_ratio": m.trainer_idle_ratio,
@@ -149,6 +154,9 @@ def step_record(m: StepMetrics, stats: StepStats) -> dict[str, object]:
         "generated_groups": stats.generated_groups,
         "generation_rounds": stats.generation_rounds,
     }
+    if evaluation is not None:
+        record["eval"] = evaluation.record()
+    return record
 
 
 class StepReporter:
@@ -181,15 +189,26 @@ class StepReporter:
             total=config.training.steps, initial=first_step, desc="DAPO steps", unit="step"
         )
 
-    def report(self, m: StepMetrics, stats: StepStats) -> None:
-        """Export one step's metrics (`summarize_step`), log them and print the summary line."""
+    def report(
+        self, m: StepMetrics, stats: StepStats, evaluation: EvalReport | None = None
+    ) -> None:
+        """Export one step's metrics (`summarize_step`), log them (with the step's
+        `evaluation`, if it evaluated) and print the summary line, and the evaluation's lines
+        whatever `metrics.log_every` says."""
         self._exporter.record(m)
-        self._log.write(json.dumps(step_record(m, stats)) + "\n")
+        self._log.write(json.dumps(step_record(m, stats, evaluation)) + "\n")
         self._log.flush()
         self._bar.update(1)
         steps = self._config.training.steps
-        if (m.step + 1) % self._config.metrics.log_every and m.step + 1 < steps:
-            return
+        if not (m.step + 1) % self._config.metrics.log_every or m.step + 1 == steps:
+            self._bar.write(self._step_line(m, stats))
+        if evaluation is not None:
+            for line in evaluation.lines():
+                self._bar.write(f"{line} | {evaluation.seconds:.1f}s")
+
+    def _step_line(self, m: StepMetrics, stats: StepStats) -> str:
+        """The step's summary line."""
+        steps = self._config.training.steps
         kept = stats.kept
         problems = [
             f"{count} {what}"
@@ -221,7 +240,7 @@ class StepReporter:
             f"{m.fleet_idle_ratio:.0%}",
             *problems,
         ]
-        self._bar.write(" | ".join(parts))
+        return " | ".join(parts)
 
     def close(self) -> None:
         self._bar.close()

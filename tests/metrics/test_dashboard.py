@@ -10,7 +10,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from megatron_dapo.report.prometheus import TrainerMetricsExporter
-from pipeline.metrics import FleetMetrics, QueueMetrics
+from pipeline.metrics import EvalMetrics, FleetMetrics, QueueMetrics
 from tests.metrics.step_metrics_example import example_step_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,6 +33,10 @@ def _exported_series() -> set[str]:
     registry = CollectorRegistry()
     TrainerMetricsExporter("r", registry).record(example_step_metrics())
     QueueMetrics(registry), FleetMetrics(registry)  # the data plane's series, same registry
+    evaluation = EvalMetrics(registry)  # labelled series appear once set, as after an eval
+    evaluation.score.labels("held-out", "pass@1").set(0.5)
+    evaluation.response_length.labels("held-out").set(3.0)
+    evaluation.truncated_ratio.labels("held-out").set(0.0)
     return {
         family.name + suffix
         for family in registry.collect()
@@ -78,3 +82,13 @@ def test_prometheus_config_scrapes_the_trainer_port() -> None:
         t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
     ]
     assert "127.0.0.1:9400" in targets
+
+
+def test_the_dashboard_shows_the_held_out_evaluation() -> None:
+    exprs = [
+        t["expr"]
+        for panel in json.loads(DASHBOARD.read_text())["panels"]
+        for t in panel.get("targets", [])
+    ]
+    for series in ("dapo_eval_score_ratio", "dapo_eval_response_length_tokens"):
+        assert any(expr.startswith(series) for expr in exprs), series
