@@ -9,18 +9,16 @@ One step (`next_batch`) needs `num_groups` kept groups of G responses each:
    prompts, `p` the keep rate estimated online from the past steps' groups and `z` a margin
    for the binomial spread of the kept count (`pipeline.oversampling`: the estimator, its
    prior and decay, and the fixed-factor modes), generates their groups concurrently, scores
-   each finished group (correctness reward from the reward scorer, plus the soft overlong
-   punishment), and keeps it unless all G responses are correct or all wrong. When the batch
-   is full, groups whose responses are all in are still scored and, if kept, carried to the
-   next step; groups still generating are cancelled (their requests aborted on the servers)
-   and counted. More than `max_generation_rounds` rounds in one step raise
-   `GenerationRoundsExceeded`. A response whose reward call times out or whose reward function
-   raises is scored as wrong and counted (`StepStats`, `QueueMetrics`, a log warning); when
-   every response scored in a step failed so (checked after each round), the reward function
-   is broken and `RewardFunctionFailing` is raised.
-3. The batch is packed into a `TrainBatch`, with the advantages of the configured estimator
-   (`pipeline.advantages`) and, with overlong filtering, no loss on truncated responses
-   (`overlong_keep_mask`).
+   each finished group (`pipeline.scoring`: correctness and shaped rewards, reward failures)
+   and keeps it unless all G responses are correct or all wrong. When the batch is full,
+   groups whose responses are all in are still scored and, if kept, carried to the next step;
+   groups still generating are cancelled (their requests aborted on the servers) and counted.
+   More than `max_generation_rounds` rounds in one step raise `GenerationRoundsExceeded`.
+   Responses whose reward call timed out or failed are counted per step (`StepStats`,
+   `QueueMetrics`); when every response scored in a step failed so (checked after each round),
+   the reward function is broken and `RewardFunctionFailing` is raised.
+3. The batch is packed into a `TrainBatch` (`pipeline.batch_packing`: advantages, overlong
+   filtering, routed experts), its groups numbered on from the last batch's.
 
 Async mode (overlap): `start_prefetch(k + 1)` runs step k + 1's eviction and rounds while the
 trainer trains step k, so those samples come from weights one version older: async mode needs
@@ -36,7 +34,6 @@ round).
 from __future__ import annotations
 
 import asyncio
-import logging
 import secrets
 import time
 from collections import deque
@@ -44,27 +41,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-import torch
-
-from pipeline.advantages import AdvantageConfig, compute_advantages
+from pipeline.advantages import AdvantageConfig
+from pipeline.batch_packing import pack_batch
 from pipeline.config import DynamicSamplingConfig, OverlongConfig, RolloutConfig
 from pipeline.group_filter import filter_groups
 from pipeline.metrics import QueueMetrics
-from pipeline.overlong import (
-    TRUNCATED_FINISH_REASON,
-    overlong_keep_mask,
-    soft_overlong_punishment,
-)
 from pipeline.oversampling import KeepRateEstimator
 from pipeline.prompts import Prompt, PromptSource
-from pipeline.rewards.base import RewardResult, RewardScorer
+from pipeline.rewards.base import RewardScorer
 from pipeline.rollout_client import RolloutEngine
+from pipeline.scoring import CorrectnessJudge, ScoredGroup, scored_group
 from pipeline.sglang_client import Generation, SamplingParams
-from pipeline.train_batch import TrainBatch, unrouted
+from pipeline.train_batch import TrainBatch
 
 ABORT_FINISH_REASON = "abort"
-
-logger = logging.getLogger(__name__)
 
 
 class GenerationRoundsExceeded(RuntimeError):
@@ -77,36 +67,6 @@ class RewardFunctionFailing(RuntimeError):
 
 _SEED_MASK = 2**63 - 1
 """Sampling seeds are non-negative int64."""
-
-
-@dataclass(frozen=True)
-class ScoredGroup:
-    """The G responses to one prompt, scored.
-
-    Attributes:
-        prompt: the prompt.
-        generations: G responses.
-        correct: [G] correctness judged by the reward scorer.
-        scores: [G] correctness rewards.
-        rewards: [G] shaped rewards (scores plus the soft overlong punishment).
-        reward_timeouts: responses whose reward call timed out (scored as wrong).
-        reward_errors: responses whose reward function failed (scored as wrong).
-    """
-
-    prompt: Prompt
-    generations: tuple[Generation, ...]
-    correct: tuple[bool, ...]
-    scores: tuple[float, ...]
-    rewards: tuple[float, ...]
-    reward_timeouts: int = 0
-    reward_errors: int = 0
-    scoring_seconds: float = 0.0
-    """Wall time of the group's reward calls."""
-
-    @property
-    def weight_version(self) -> int:
-        """The oldest policy version among the responses."""
-        return min(g.weight_version for g in self.generations)
 
 
 @dataclass
@@ -174,8 +134,8 @@ class DynamicSamplingQueue:
     Args:
         prompts: the prompt stream.
         engine: generates responses (the fleet's `RolloutClient`, or a scripted engine).
-        scorer: judges responses; called in a worker thread.
-        decode: response token ids -> text for the scorer.
+        scorer, decode: the reward scorer and response token ids -> text for it (the
+            `pipeline.scoring.CorrectnessJudge` of each finished group).
         advantage: the advantage estimator and its options.
         num_groups: groups (prompts) per batch.
         rollout: group size, sampling parameters, max_response_length and max_staleness.
@@ -184,8 +144,8 @@ class DynamicSamplingQueue:
         async_mode: allow `start_prefetch` (needs `rollout.max_staleness >= 1`).
         metrics: queue metrics (a private registry when not given).
         stop_token_ids: token ids that end a response.
-        score_truncated: `wrong` scores a response truncated at the length limit as wrong
-            (its reward call is skipped), `as_is` scores its text like any other.
+        score_truncated: how a response truncated at the length limit is scored (`wrong` or
+            `as_is`, see `pipeline.scoring`).
     """
 
     prompts: PromptSource
@@ -205,6 +165,8 @@ class DynamicSamplingQueue:
     score_truncated: Literal["as_is", "wrong"] = "wrong"
     """`reward.score_truncated`: how a response cut at the length limit is scored."""
     _ready: deque[ScoredGroup] = field(default_factory=deque, init=False)
+    """Kept groups waiting for a batch (checkpoints of earlier versions pickled them as
+    `pipeline.dynamic_sampling.ScoredGroup`: this module's import of the name still loads them)."""
     _prefetch: asyncio.Task[StepStats] | None = field(default=None, init=False)
     """The running prefetch (async mode)."""
     _prefetched: StepStats | None = field(default=None, init=False)
@@ -218,6 +180,8 @@ class DynamicSamplingQueue:
     """Groups ever sent for generation; a group's index seeds its responses (deterministic)."""
     _keep_rate: KeepRateEstimator = field(init=False)
     """The keep-rate estimate that sizes each round."""
+    _judge: CorrectnessJudge = field(init=False)
+    """Judges each finished group's responses (`scorer`, `decode`, `score_truncated`)."""
     _last_reward_error: str | None = field(default=None, init=False)
     params: SamplingParams = field(init=False)
     """Sampling parameters of every request, from `rollout`."""
@@ -241,6 +205,7 @@ class DynamicSamplingQueue:
             stop=self.rollout.stop,
         )
         self._keep_rate = KeepRateEstimator(self.sampling)
+        self._judge = CorrectnessJudge(self.scorer, self.decode, self.score_truncated)
 
     @property
     def depth(self) -> int:
@@ -456,50 +421,12 @@ class DynamicSamplingQueue:
         return replace(self.params, sampling_seed=seed)
 
     async def _score(self, prompt: Prompt, generations: Sequence[Generation]) -> ScoredGroup:
-        # `score_truncated: wrong`: a response cut at the length limit is wrong whatever its
-        # prefix says (`Answer: 14` of a cut-off 144), and its reward call is saved.
-        judged = [
-            i
-            for i, g in enumerate(generations)
-            if self.score_truncated == "as_is" or g.finish_reason != TRUNCATED_FINISH_REASON
-        ]
-        pairs = [(self.decode(generations[i].output_ids), prompt.ground_truth) for i in judged]
-        begin = time.monotonic()
-        scored = await asyncio.to_thread(self.scorer.score_batch, pairs) if pairs else []
-        scoring_seconds = time.monotonic() - begin
-        results = [RewardResult.from_correctness(False, None)] * len(generations)
-        for i, result in zip(judged, scored, strict=True):
-            results[i] = result
-        scores = torch.tensor([r.score for r in results], dtype=torch.float32)
-        rewards = scores
-        if self.overlong.soft_punishment:
-            lengths = [len(g.output_ids) for g in generations]
-            rewards = scores + soft_overlong_punishment(
-                lengths, self.rollout.max_response_length, self.overlong.cache_length
-            )
-        group = ScoredGroup(
-            prompt=prompt,
-            generations=tuple(generations),
-            correct=tuple(r.acc for r in results),
-            scores=tuple(scores.tolist()),
-            rewards=tuple(rewards.tolist()),
-            reward_timeouts=sum(r.timed_out for r in results),
-            reward_errors=sum(r.error is not None for r in results),
-            scoring_seconds=scoring_seconds,
+        judgement = await self._judge.judge(prompt, generations)
+        if judgement.first_error is not None:
+            self._last_reward_error = judgement.first_error
+        return scored_group(
+            prompt, generations, judgement, self.rollout.max_response_length, self.overlong
         )
-        if group.reward_timeouts or group.reward_errors:
-            errors = [r.error for r in results if r.error is not None]
-            self._last_reward_error = errors[0] if errors else self._last_reward_error
-            logger.warning(
-                "prompt row %d: of %d responses, %d reward calls timed out and %d failed%s; "
-                "scored as wrong",
-                prompt.row_index,
-                len(results),
-                group.reward_timeouts,
-                group.reward_errors,
-                f" (first: {errors[0]})" if errors else "",
-            )
-        return group
 
     def _admit(self, group: ScoredGroup | None, stats: StepStats) -> None:
         if group is None:
@@ -545,70 +472,9 @@ class DynamicSamplingQueue:
                 m.staleness.observe(policy_version - generation.weight_version)
 
     def _pack(self, groups: list[ScoredGroup]) -> TrainBatch:
-        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
-        advantages = compute_advantages(rewards, self.advantage)
-        tokens: list[int] = []
-        log_probs: list[float] = []
-        loss_mask: list[bool] = []
-        lengths, prompt_lengths, group_ids, versions = [], [], [], []
-        metadata: list[dict[str, Any]] = []
-        routes: list[torch.Tensor] = []
-        for group in groups:
-            group_id = self._next_group_id
-            self._next_group_id += 1
-            prompt = list(group.prompt.input_ids)
-            trains = [True] * len(group.generations)
-            if self.overlong.filter_truncated:
-                trains = overlong_keep_mask([g.finish_reason for g in group.generations]).tolist()
-            for i, generation in enumerate(group.generations):
-                response = list(generation.output_ids)
-                tokens += prompt + response
-                log_probs += [0.0] * len(prompt) + list(generation.output_logprobs)
-                loss_mask += [False] * len(prompt) + [trains[i]] * len(response)
-                lengths.append(len(prompt) + len(response))
-                prompt_lengths.append(len(prompt))
-                group_ids.append(group_id)
-                versions.append(generation.weight_version)
-                if generation.routed_experts is not None:  # all but the last token's
-                    routes += [generation.routed_experts, unrouted(1, generation.routed_experts)]
-                metadata.append(
-                    {
-                        "row_index": group.prompt.row_index,
-                        "finish_reason": generation.finish_reason,
-                        "correct": group.correct[i],
-                        "score": group.scores[i],
-                        "response_length": len(response),
-                    }
-                )
-        return TrainBatch(
-            tokens=torch.tensor(tokens, dtype=torch.int64),
-            sample_offsets=torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0),
-            prompt_lengths=torch.tensor(prompt_lengths, dtype=torch.int64),
-            rollout_log_probs=torch.tensor(log_probs, dtype=torch.float32),
-            loss_mask=torch.tensor(loss_mask, dtype=torch.bool),
-            advantages=advantages.reshape(-1).to(torch.float32),
-            rewards=rewards.reshape(-1),
-            group_ids=torch.tensor(group_ids, dtype=torch.int64),
-            weight_versions=torch.tensor(versions, dtype=torch.int64),
-            metadata=tuple(metadata),
-            routed_experts=_packed_routes(routes, len(lengths)),
-        )
-
-
-def _packed_routes(routes: list[torch.Tensor], num_samples: int) -> torch.Tensor | None:
-    """The samples' routes (two tensors per sample) packed `[N, L, K]`; None without routes.
-
-    Raises:
-        ValueError: some samples have routes and others not.
-    """
-    if not routes:
-        return None
-    if len(routes) != 2 * num_samples:
-        raise ValueError(
-            f"{len(routes) // 2} of {num_samples} responses carry routed experts: the fleet "
-            "must return them for every response (routing replay)"
-        )
-    return torch.cat(routes)
+        first_group_id = self._next_group_id
+        self._next_group_id += len(groups)
+        return pack_batch(groups, self.advantage, first_group_id, self.overlong.filter_truncated)
 
 
 async def _cancel(tasks: set[asyncio.Task[Any]]) -> None:

@@ -459,7 +459,7 @@ def test_reward_timeouts_and_errors_are_counted_and_scored_as_wrong(caplog):
     scripted = f"{HELPERS_MODULE}:scripted_reward"
     with ProcessPoolScorer(scripted, num_workers=2, timeout_s=2.0) as scorer:
         queue = make_queue(engine, scorer=scorer)
-        with caplog.at_level(logging.WARNING, logger="pipeline.dynamic_sampling"):
+        with caplog.at_level(logging.WARNING, logger="pipeline.scoring"):
             batch, stats = asyncio.run(queue.next_batch(0))
     assert (stats.reward_timeouts, stats.reward_errors, stats.kept) == (1, 2, 2)
     assert batch.rewards[:G].tolist() == [1.0, -1.0, -1.0, -1.0]
