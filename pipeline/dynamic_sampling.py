@@ -50,7 +50,7 @@ from pipeline.oversampling import KeepRateEstimator
 from pipeline.prompts import Prompt, PromptSource
 from pipeline.rewards.base import RewardScorer
 from pipeline.rollout_client import RolloutEngine
-from pipeline.scoring import CorrectnessJudge, ScoredGroup, scored_group
+from pipeline.scoring import ScoredGroup, judge, scored_group
 from pipeline.sglang_client import Generation, SamplingParams
 from pipeline.train_batch import TrainBatch
 
@@ -134,8 +134,8 @@ class DynamicSamplingQueue:
     Args:
         prompts: the prompt stream.
         engine: generates responses (the fleet's `RolloutClient`, or a scripted engine).
-        scorer, decode: the reward scorer and response token ids -> text for it (the
-            `pipeline.scoring.CorrectnessJudge` of each finished group).
+        scorer: judges responses (`pipeline.scoring.judge`).
+        decode: response token ids -> text for the scorer.
         advantage: the advantage estimator and its options.
         num_groups: groups (prompts) per batch.
         rollout: group size, sampling parameters, max_response_length and max_staleness.
@@ -145,7 +145,7 @@ class DynamicSamplingQueue:
         metrics: queue metrics (a private registry when not given).
         stop_token_ids: token ids that end a response.
         score_truncated: how a response truncated at the length limit is scored (`wrong` or
-            `as_is`, see `pipeline.scoring`).
+            `as_is`, see `pipeline.judging`).
     """
 
     prompts: PromptSource
@@ -180,8 +180,6 @@ class DynamicSamplingQueue:
     """Groups ever sent for generation; a group's index seeds its responses (deterministic)."""
     _keep_rate: KeepRateEstimator = field(init=False)
     """The keep-rate estimate that sizes each round."""
-    _judge: CorrectnessJudge = field(init=False)
-    """Judges each finished group's responses (`scorer`, `decode`, `score_truncated`)."""
     _last_reward_error: str | None = field(default=None, init=False)
     params: SamplingParams = field(init=False)
     """Sampling parameters of every request, from `rollout`."""
@@ -205,7 +203,6 @@ class DynamicSamplingQueue:
             stop=self.rollout.stop,
         )
         self._keep_rate = KeepRateEstimator(self.sampling)
-        self._judge = CorrectnessJudge(self.scorer, self.decode, self.score_truncated)
 
     @property
     def depth(self) -> int:
@@ -421,7 +418,7 @@ class DynamicSamplingQueue:
         return replace(self.params, sampling_seed=seed)
 
     async def _score(self, prompt: Prompt, generations: Sequence[Generation]) -> ScoredGroup:
-        judgement = await self._judge.judge(prompt, generations)
+        judgement = await judge(prompt, generations, self.scorer, self.decode, self.score_truncated)
         if judgement.first_error is not None:
             self._last_reward_error = judgement.first_error
         return scored_group(

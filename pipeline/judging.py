@@ -1,6 +1,6 @@
 """Correctness of generated responses: the reward scorer's verdict on each, with the run's
 rule for responses cut at the length limit (`reward.score_truncated`). No overlong shaping:
-that is the training reward's, applied on top of these scores by the queue."""
+that is the training reward's, applied on top of these scores by `pipeline.scoring`."""
 
 from __future__ import annotations
 

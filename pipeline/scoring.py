@@ -1,15 +1,11 @@
-"""Scoring a finished group: the G responses to one prompt -> correctness, then shaped rewards.
+"""Scoring a finished group: the G responses to one prompt -> a `ScoredGroup` with shaped rewards.
 
-Two steps, the first usable alone (an evaluator needs correctness, not shaping):
-
-1. Correctness (`CorrectnessJudge.judge` -> `Judgement`): each response's text (`decode` of its
-   token ids) is scored by the `RewardScorer` (`pipeline.rewards`) against the prompt's ground
-   truth, in a worker thread. With `score_truncated="wrong"` a response cut at the length limit
-   (`pipeline.overlong.TRUNCATED_FINISH_REASON`) is wrong whatever its prefix says and its
-   reward call is skipped; `"as_is"` scores its text like any other. A response whose reward
-   call times out or whose reward function raises (or returns a wrong type) is scored as wrong,
-   counted (`Judgement.timeouts`, `Judgement.errors`) and logged as a warning.
-2. Shaping (`scored_group` -> `ScoredGroup`): the reward is the correctness score plus, with
+1. Correctness (`judge` -> `Judgement`): the reward scorer's verdict on each response, with the
+   run's rule for responses cut at the length limit (`pipeline.judging`), in a worker thread.
+   A response whose reward call times out or whose reward function raises (or returns a wrong
+   type) is scored as wrong, counted (`Judgement.timeouts`, `Judgement.errors`) and logged as a
+   warning.
+2. Shaping (`scored_group`): the reward is the correctness score plus, with
    `overlong.soft_punishment`, the soft overlong punishment (`pipeline.overlong`, DAPO Eq. 13).
 """
 
@@ -25,7 +21,8 @@ from typing import Literal
 import torch
 
 from pipeline.config import OverlongConfig
-from pipeline.overlong import TRUNCATED_FINISH_REASON, soft_overlong_punishment
+from pipeline.judging import judge_responses
+from pipeline.overlong import soft_overlong_punishment
 from pipeline.prompts import Prompt
 from pipeline.rewards.base import RewardResult, RewardScorer
 from pipeline.sglang_client import Generation
@@ -68,7 +65,7 @@ class Judgement:
     """The correctness of a group's responses.
 
     Attributes:
-        results: one per response, in order (a skipped truncated response is wrong).
+        results: one per response, in order.
         seconds: wall time of the reward calls.
     """
 
@@ -91,49 +88,32 @@ class Judgement:
         return next((r.error for r in self.results if r.error is not None), None)
 
 
-@dataclass(frozen=True)
-class CorrectnessJudge:
-    """Judges the responses to a prompt with a reward scorer; see the module docstring.
-
-    Args:
-        scorer: judges responses; called in a worker thread.
-        decode: response token ids -> text for the scorer.
-        score_truncated: `wrong` scores a response truncated at the length limit as wrong
-            (its reward call is skipped), `as_is` scores its text like any other.
-    """
-
-    scorer: RewardScorer
-    decode: Callable[[Sequence[int]], str]
-    score_truncated: Literal["as_is", "wrong"] = "wrong"
-
-    async def judge(self, prompt: Prompt, generations: Sequence[Generation]) -> Judgement:
-        # `score_truncated: wrong`: a response cut at the length limit is wrong whatever its
-        # prefix says (`Answer: 14` of a cut-off 144), and its reward call is saved.
-        judged = [
-            i
-            for i, g in enumerate(generations)
-            if self.score_truncated == "as_is" or g.finish_reason != TRUNCATED_FINISH_REASON
-        ]
-        pairs = [(self.decode(generations[i].output_ids), prompt.ground_truth) for i in judged]
-        begin = time.monotonic()
-        scored = await asyncio.to_thread(self.scorer.score_batch, pairs) if pairs else []
-        seconds = time.monotonic() - begin
-        results = [RewardResult.from_correctness(False, None)] * len(generations)
-        for i, result in zip(judged, scored, strict=True):
-            results[i] = result
-        judgement = Judgement(results=tuple(results), seconds=seconds)
-        if judgement.timeouts or judgement.errors:
-            first = judgement.first_error
-            logger.warning(
-                "prompt row %d: of %d responses, %d reward calls timed out and %d failed%s; "
-                "scored as wrong",
-                prompt.row_index,
-                len(results),
-                judgement.timeouts,
-                judgement.errors,
-                f" (first: {first})" if first is not None else "",
-            )
-        return judgement
+async def judge(
+    prompt: Prompt,
+    generations: Sequence[Generation],
+    scorer: RewardScorer,
+    decode: Callable[[Sequence[int]], str],
+    score_truncated: Literal["as_is", "wrong"],
+) -> Judgement:
+    """The correctness of the responses to `prompt` (`pipeline.judging.judge_responses` with
+    these arguments, in a worker thread), timed, its reward failures logged."""
+    begin = time.monotonic()
+    results = await asyncio.to_thread(
+        judge_responses, generations, prompt.ground_truth, scorer, decode, score_truncated
+    )
+    judgement = Judgement(results=tuple(results), seconds=time.monotonic() - begin)
+    if judgement.timeouts or judgement.errors:
+        first = judgement.first_error
+        logger.warning(
+            "prompt row %d: of %d responses, %d reward calls timed out and %d failed%s; "
+            "scored as wrong",
+            prompt.row_index,
+            len(results),
+            judgement.timeouts,
+            judgement.errors,
+            f" (first: {first})" if first is not None else "",
+        )
+    return judgement
 
 
 def scored_group(

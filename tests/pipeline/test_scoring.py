@@ -1,10 +1,12 @@
-"""Scoring a group on its own, without a queue: correctness (as an evaluator uses it) and the
-shaped rewards. The queue's use of it is in `test_queue_dynamic_sampling`."""
+"""Scoring a group on its own, without a queue: correctness (the truncation rule, reward failures
+counted and logged) and the shaped rewards. The queue's use of it is in
+`test_queue_dynamic_sampling`."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ import torch
 from pipeline.config import OverlongConfig
 from pipeline.prompts import Prompt
 from pipeline.rewards.base import FunctionScorer, RewardResult
-from pipeline.scoring import CorrectnessJudge, Judgement, scored_group
+from pipeline.scoring import Judgement, judge, scored_group
 from pipeline.sglang_client import Generation
 
 PROMPT = Prompt(row_index=7, input_ids=(1, 2), ground_truth="yes")
@@ -30,11 +32,16 @@ def generation(text: str, finish_reason: str = "stop") -> Generation:
     )
 
 
+def text(ids: Sequence[int]) -> str:
+    """The decoding of `generation`'s responses."""
+    return "".join(map(chr, ids))
+
+
 def yes_reward(response: str, ground_truth: str) -> RewardResult:
     return RewardResult.from_correctness(response.startswith(ground_truth), response[:3])
 
 
-def judge(texts, score_truncated="wrong", reward=yes_reward, calls=None) -> Judgement:
+def judged(texts, score_truncated="wrong", reward=yes_reward, calls=None) -> Judgement:
     """Judge `texts` ((text, finish reason) pairs) against PROMPT; `calls` collects the texts
     the reward function saw."""
 
@@ -43,9 +50,8 @@ def judge(texts, score_truncated="wrong", reward=yes_reward, calls=None) -> Judg
             calls.append(response)
         return reward(response, ground_truth)
 
-    decode = lambda ids: "".join(map(chr, ids))  # noqa: E731
-    correctness = CorrectnessJudge(FunctionScorer(counted), decode, score_truncated)
-    return asyncio.run(correctness.judge(PROMPT, [generation(*t) for t in texts]))
+    generations = [generation(*t) for t in texts]
+    return asyncio.run(judge(PROMPT, generations, FunctionScorer(counted), text, score_truncated))
 
 
 @pytest.mark.parametrize("score_truncated", ["wrong", "as_is"])
@@ -54,7 +60,7 @@ def test_a_truncated_response_is_wrong_without_a_reward_call_unless_scored_as_is
 ) -> None:
     calls: list[str] = []
     texts = [("yes.", "length"), ("yes", "stop"), ("no", "stop")]
-    judgement = judge(texts, score_truncated, calls=calls)
+    judgement = judged(texts, score_truncated, calls=calls)
     correct = [r.acc for r in judgement.results]
     if score_truncated == "as_is":
         assert correct == [True, True, False] and calls == ["yes.", "yes", "no"]
@@ -71,7 +77,7 @@ def test_failed_reward_calls_are_wrong_counted_and_logged(caplog) -> None:
         return "not a result" if response == "odd" else yes_reward(response, ground_truth)
 
     with caplog.at_level(logging.WARNING, logger="pipeline.scoring"):
-        judgement = judge([("yes",), ("boom",), ("odd",)], reward=flaky)
+        judgement = judged([("yes",), ("boom",), ("odd",)], reward=flaky)
     assert [r.score for r in judgement.results] == [1.0, -1.0, -1.0]
     assert (judgement.timeouts, judgement.errors) == (0, 2)
     assert str(judgement.first_error).startswith("ValueError: scripted failure")
@@ -80,7 +86,7 @@ def test_failed_reward_calls_are_wrong_counted_and_logged(caplog) -> None:
 
 def test_shaped_rewards_add_the_soft_overlong_punishment_when_switched_on() -> None:
     texts = [("yes.....", "length"), ("yes...",), ("no",), ("no",)]
-    judgement = judge(texts, score_truncated="as_is")
+    judgement = judged(texts, score_truncated="as_is")
     generations = [generation(*t) for t in texts]
     scores = [1.0, 1.0, -1.0, -1.0]
     for soft in (True, False):
