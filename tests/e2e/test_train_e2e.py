@@ -1,7 +1,8 @@
 """`megatron-dapo train` end to end: 2 ranks (expert parallel), a real local SGLang server,
 the dynamic-sampling queue generating the next step's groups while the trainer trains
 (`rollout.max_staleness: 1`), DAPO policy steps, weight sync from disk, a final checkpoint, and
-the step metrics read back through a real Prometheus server scraping the run."""
+the step metrics read back through a real Prometheus server scraping the run, and the demo's
+held-out set evaluated by the fleet every 2 steps and after the last (`eval`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from tests.e2e.train_runs import failure_excerpt, processes_mentioning
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
+EVAL_INTERVAL = 2
+"""Evaluations after steps 2 and 3 (the last)."""
 MAX_PROMPT_LENGTH = 38
 """Tokens: about a quarter of the demo's prompts are longer (35-64 tokens with the template)."""
 
@@ -45,6 +48,7 @@ def test_two_rank_training_run_with_a_real_fleet(tmp_path: Path) -> None:
         "metrics.run_name=e2e",
         f"data.max_prompt_length={MAX_PROMPT_LENGTH}",
         "rollout.max_staleness=1",
+        f"eval.interval={EVAL_INTERVAL}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     with PrometheusServer(tmp_path / "prometheus", [f"127.0.0.1:{metrics_port}"]) as prometheus:
@@ -62,6 +66,9 @@ def test_two_rank_training_run_with_a_real_fleet(tmp_path: Path) -> None:
         staleness = prometheus.wait_for('last_over_time(dapo_queue_staleness_sum{run="e2e"}[10m])')
         trainer_idle = prometheus.wait_for(
             'last_over_time(dapo_idle_ratio{run="e2e", side="trainer"}[10m])'
+        )
+        pass_at_4 = prometheus.wait_for(
+            'last_over_time(dapo_eval_score_ratio{run="e2e", metric="pass@4"}[10m])'
         )
     output = result.stdout + result.stderr
     assert result.returncode == 0, failure_excerpt(output)
@@ -87,10 +94,17 @@ def test_two_rank_training_run_with_a_real_fleet(tmp_path: Path) -> None:
     assert 0.0 <= float(trainer_idle[0]["value"][1]) <= 1.0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for record in records:
+        phases = record["phase_seconds"]
         assert record["trainer_idle_seconds"] == pytest.approx(
-            record["phase_seconds"]["generate"] + record["phase_seconds"]["prefetch_wait"]
+            phases["generate"] + phases["prefetch_wait"] + phases.get("eval", 0.0)
         )
         assert 0.0 <= record["fleet_idle_ratio"] <= 1.0
+    _check_evaluations(records, output)
+    assert pass_at_4[0]["metric"]["dataset"] == "arithmetic-seed2"
+    assert (
+        float(pass_at_4[0]["value"][1])
+        == records[-1]["eval"]["datasets"]["arithmetic-seed2"]["pass@4"]
+    )
     assert len(re.findall(r"idle trainer \d+% fleet \d+%", output)) == STEPS
     # The run's summary first, and no library notices anywhere (they would hide real warnings)
     assert result.stdout.startswith("policy: 2 layers x 64"), result.stdout[:500]
@@ -103,3 +117,25 @@ def test_two_rank_training_run_with_a_real_fleet(tmp_path: Path) -> None:
     assert any(not initial[k].equal(trained[k]) for k in initial), "the policy did not change"
     assert (run_dir / "checkpoints" / f"step{STEPS}").is_dir()
     assert processes_mentioning(str(tmp_path)) == [], "servers outlived the run"
+
+
+def _check_evaluations(records: list[dict], output: str) -> None:
+    """The held-out set was scored after steps 2 and 3 on the policy just synced: mean@k and
+    pass@k in [0, 1], pass@1 == mean@1, pass@k >= mean@k, pass@k nondecreasing in k; one line
+    per evaluation."""
+    evaluated = [(r["step"], r["eval"]) for r in records if "eval" in r]
+    assert [step for step, _ in evaluated] == [1, 2]  # 0-based: after steps 2 and 3
+    for step, evaluation in evaluated:
+        assert evaluation["policy_version"] == step + 1
+        assert records[step]["phase_seconds"]["eval"] > 0
+        held_out = evaluation["datasets"]["arithmetic-seed2"]
+        assert (held_out["num_prompts"], held_out["n_samples"]) == (32, 4)
+        assert held_out["skipped_prompts"] > 0  # data.max_prompt_length=38 applies to it too
+        assert held_out["response_length_mean"] == 1.0
+        for k in (1, 4):
+            assert 0.0 <= held_out[f"mean@{k}"] <= held_out[f"pass@{k}"] <= 1.0
+        assert held_out["pass@1"] == pytest.approx(held_out["mean@1"])
+        assert held_out["mean@4"] == pytest.approx(held_out["mean@1"])
+        assert held_out["pass@4"] >= held_out["pass@1"]
+    lines = re.findall(r"eval v(\d) \| arithmetic-seed2: mean@1 [.\d]+ pass@1 [.\d]+", output)
+    assert lines == ["2", "3"], output[-3000:]
