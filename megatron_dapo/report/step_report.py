@@ -62,6 +62,21 @@ def run_summary(config: RunConfig) -> str:
             f"{rollout.n_samples_per_prompt} samples; prompts <= {config.data.max_prompt_length}, "
             f"responses <= {rollout.max_response_length} tokens",
         ]
+        + ([_eval_summary(config)] if config.eval.interval else [])
+    )
+
+
+def _eval_summary(config: RunConfig) -> str:
+    """The run summary's line about held-out evaluation."""
+    evaluation = config.eval
+    datasets = ", ".join(
+        f"{d.name}" + (f" ({d.max_prompts} prompts)" if d.max_prompts else "")
+        for d in evaluation.datasets
+    )
+    return (
+        f"eval: every {evaluation.interval} steps and after the last, {datasets} x "
+        f"{evaluation.n_samples} samples at temperature {evaluation.temperature:g}, k "
+        f"{'/'.join(map(str, evaluation.ks))}"
     )
 
 
