@@ -12,7 +12,7 @@ responses through the engine, as the dynamic-sampling queue sends its groups (th
 `max_response_length`. Response i of the prompt at position p of a dataset is seeded by
 `response_seed(eval.sampling_seed, dataset.seed, p, i)`, so an evaluation is reproducible on
 deterministic servers and draws nothing from the queue's seeds or counters. Responses are
-judged by the run's reward scorer (`judge_responses`: correctness only, no overlong shaping;
+judged by the run's reward scorer (`pipeline.scoring.judge`: correctness only, no overlong shaping;
 `reward.score_truncated` for cut-off ones) and summarised per dataset: mean@k and pass@k
 (`pipeline.eval_metrics`), the mean response length (tokens) and the share truncated.
 """
@@ -28,13 +28,13 @@ from typing import Any, Literal
 
 from pipeline.config import EvalConfig, EvalDatasetConfig, RolloutConfig
 from pipeline.eval_metrics import averaged_over_prompts
-from pipeline.judging import judge_responses
 from pipeline.metrics import EvalMetrics
 from pipeline.overlong import TRUNCATED_FINISH_REASON
 from pipeline.prompts import ChatTokenizer, Prompt, held_out_prompts
 from pipeline.rewards.base import RewardScorer
 from pipeline.rollout_client import RolloutEngine
 from pipeline.sampling_seeds import response_seed
+from pipeline.scoring import judge
 from pipeline.sglang_client import Generation, SamplingParams
 
 
@@ -284,14 +284,7 @@ class Evaluator:
         generations: list[Generation] = await engine.generate_group(
             prompt.input_ids, self._sample_params(prompt_set.config, position)
         )
-        results = await asyncio.to_thread(
-            judge_responses,
-            generations,
-            prompt.ground_truth,
-            self.scorer,
-            self.decode,
-            self.score_truncated,
-        )
+        judgement = await judge(prompt, generations, self.scorer, self.decode, self.score_truncated)
         samples = tuple(
             EvalSample(
                 row_index=prompt.row_index,
@@ -301,9 +294,9 @@ class Evaluator:
                 finish_reason=g.finish_reason,
                 response_length=len(g.output_ids),
             )
-            for g, r in zip(generations, results, strict=True)
+            for g, r in zip(generations, judgement.results, strict=True)
         )
-        return samples, sum(r.timed_out or r.error is not None for r in results)
+        return samples, judgement.timeouts + judgement.errors
 
     def _summary(
         self, prompt_set: PromptSet, judged: Sequence[tuple[tuple[EvalSample, ...], int]]
