@@ -74,12 +74,22 @@ class SimulatedEngine:
         self.slots = asyncio.Semaphore(concurrency)
         self.samples_started: dict[int, int] = {}
         self.generated = 0
+        """Samples that began generating (took a slot), finished or aborted."""
 
     async def generate_group(
         self, input_ids: Sequence[int], params: Sequence[SamplingParams]
     ) -> list[Generation]:
         """The group's samples, one `generate` each."""
         return list(await asyncio.gather(*(self.generate(input_ids, p) for p in params)))
+
+    def keepable(self, row: int, group_size: int, max_tokens: int) -> bool:
+        """Whether row's group is mixed, a response cut at `max_tokens` counting as wrong."""
+        kind = self._row_kind(row)
+        cut = any(
+            self.latency.length(random.Random((self.seed * 1_000_003 + row) * 64 + i)) >= max_tokens
+            for i in range(group_size)
+        )
+        return kind == "mixed" or (kind == "right" and cut)
 
     def _row_kind(self, row: int) -> str:
         rng = random.Random(self.seed * 1_000_003 + row)
@@ -96,8 +106,8 @@ class SimulatedEngine:
         kind = self._row_kind(row)
         correct = kind == "right" or (kind == "mixed" and index % 2 == 0)
         async with self.slots:
+            self.generated += 1  # counted once started: a sample aborted in flight counts whole
             await asyncio.sleep(length * self.latency.per_token_s)
-        self.generated += 1
         token = ord("y") if correct else ord("n")
         return Generation(
             output_ids=(token,) * length,
@@ -170,7 +180,11 @@ async def run_sync_loop(
                     for p in batch
                 )
             )
-            correct = [[g.output_ids[0] == ord("y") for g in group] for group in groups]
+            # The queue's rule (reward.score_truncated "wrong"): a cut response is wrong.
+            correct = [
+                [g.output_ids[0] == ord("y") and g.finish_reason != "length" for g in group]
+                for group in groups
+            ]
             kept += filter_groups(correct).num_kept
     return rounds / args.steps, engine.generated
 
@@ -184,23 +198,29 @@ def compare(args: argparse.Namespace) -> None:
         f"of {args.groups} groups x G={args.group_size}; queue oversample {args.oversample}."
     )
     header = (
-        "| acceptance | queue gen/kept | sync gen/kept | queue rounds/step | sync rounds/step "
-        "| queue wall s | sync wall s | speed-up |"
+        "| acceptance | 1/p_keep | queue gen/kept | queue / (1/p) | sync gen/kept "
+        "| queue rounds/step | sync rounds/step | queue wall s | sync wall s | speed-up |"
     )
     print(header)
-    print("|" + "---|" * 8)
+    print("|" + "---|" * 10)
     kept_samples = args.steps * args.groups * args.group_size
     for acceptance in args.acceptance:
         results = []
+        inverse_p = 0.0
         for runner in (run_queue, run_sync_loop):
             engine = SimulatedEngine(acceptance, args.concurrency, latency, args.seed)
             prompts = prompt_source(50_000)
             begin = time.perf_counter()
             rounds, generated = asyncio.run(runner(engine, prompts, args))
             results.append((generated / kept_samples, rounds, time.perf_counter() - begin))
+            if runner is run_queue:
+                rows = range(len(engine.samples_started))
+                keepable = sum(engine.keepable(r, args.group_size, args.max_tokens) for r in rows)
+                inverse_p = len(rows) / keepable
         (q_ratio, q_rounds, q_wall), (s_ratio, s_rounds, s_wall) = results
         print(
-            f"| {acceptance:.2f} | {q_ratio:.2f} | {s_ratio:.2f} | {q_rounds:.2f} | "
+            f"| {acceptance:.2f} | {inverse_p:.2f} | {q_ratio:.2f} | {q_ratio / inverse_p:.2f} | "
+            f"{s_ratio:.2f} | {q_rounds:.2f} | "
             f"{s_rounds:.2f} | {q_wall:.2f} | {s_wall:.2f} | {s_wall / q_wall:.2f}x |"
         )
 

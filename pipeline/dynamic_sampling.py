@@ -8,7 +8,9 @@ One step (`next_batch`) needs `num_groups` kept groups of G responses each:
 2. Generation rounds: each round draws `ceil((missing + z * sqrt(missing * (1 - p))) / p)`
    prompts, `p` the keep rate estimated online from the past steps' groups and `z` a margin
    for the binomial spread of the kept count (`pipeline.oversampling`: the estimator, its
-   prior and decay, and the fixed-factor modes), generates their groups concurrently, scores
+   prior and decay, and the fixed-factor modes) at most, keeping `ceil(missing / p)` groups
+   generating and issuing more from that budget as dropped groups call for them (all at once
+   in deterministic mode), generates their groups concurrently, scores
    each finished group (`pipeline.scoring`: correctness and shaped rewards, reward failures)
    and keeps it unless all G responses are correct or all wrong. When the batch is full,
    groups whose responses are all in are still scored and, if kept, carried to the next step;
@@ -314,11 +316,11 @@ class DynamicSamplingQueue:
                     raise GenerationRoundsExceeded(self._rounds_message(target, stats))
                 stats.generation_rounds += 1
                 missing = target - len(self._ready)
-                count = self._keep_rate.prompts_for(missing)
-                skipped_before = self.prompts.num_skipped
-                prompts = self.prompts.next_prompts(count)
-                stats.skipped_prompts += self.prompts.num_skipped - skipped_before
-                await self._round(prompts, target, stats)
+                budget = self._keep_rate.prompts_for(missing)
+                if self.rollout.deterministic:
+                    await self._round(self._draw(budget, stats), target, stats)
+                else:
+                    await self._stream_round(budget, target, stats)
                 failed = stats.reward_errors + stats.reward_timeouts
                 if stats.generated_samples and failed == stats.generated_samples:
                     raise RewardFunctionFailing(
@@ -341,6 +343,54 @@ class DynamicSamplingQueue:
             f"errors). The prompts are too easy or too hard for the policy; raise "
             f"dynamic_sampling.max_generation_rounds or lower min_keep_rate, or check the reward."
         )
+
+    def _draw(self, count: int, stats: StepStats) -> list[Prompt]:
+        """The next `count` prompts (over-length ones skipped and counted)."""
+        skipped_before = self.prompts.num_skipped
+        prompts = self.prompts.next_prompts(count)
+        stats.skipped_prompts += self.prompts.num_skipped - skipped_before
+        return prompts
+
+    async def _stream_round(self, budget: int, target: int, stats: StepStats) -> None:
+        """One round of at most `budget` prompts, issued as the in-flight groups need them.
+
+        The round keeps `in_flight_for(missing)` groups generating (fewer than `budget` when
+        the keep rate is high) and issues one more from the budget whenever a dropped group
+        leaves too few; when `target` groups are ready, finished groups are still scored (and
+        carried over if kept) and groups still generating are cancelled.
+        """
+        scoring: set[asyncio.Task[Any]] = set()
+        pending: set[asyncio.Task[Any]] = set()
+        issued = 0
+
+        def top_up() -> None:
+            nonlocal issued
+            missing = target - len(self._ready)
+            count = min(budget - issued, self._keep_rate.in_flight_for(missing) - len(pending))
+            if count <= 0:
+                return
+            first = self._issued_groups
+            self._issued_groups += count
+            issued += count
+            for offset, prompt in enumerate(self._draw(count, stats)):
+                pending.add(asyncio.create_task(self._group(prompt, first + offset, scoring)))
+
+        try:
+            top_up()
+            while pending and len(self._ready) < target:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    self._admit(task.result(), stats)
+                if len(self._ready) < target:
+                    top_up()
+        except BaseException:
+            await _cancel(pending)
+            raise
+        leftovers = {t for t in pending if t not in scoring and not t.done()}
+        stats.aborted += len(leftovers)
+        await _cancel(leftovers)
+        for task in pending - leftovers:
+            self._admit(await task, stats)
 
     async def _round(self, prompts: list[Prompt], target: int, stats: StepStats) -> None:
         """Generate one group per prompt until `target` groups are ready.

@@ -273,11 +273,42 @@ def test_prompts_per_round_adapt_to_the_observed_keep_rate():
     engine = ScriptedEngine({0: WRONG, 1: RIGHT, 2: WRONG}, gated=range(6, 100))
     queue = make_queue(engine, num_groups=2, adapt=True)
     _, stats = asyncio.run(queue.next_batch(0))
-    # Round 1: 2 prompts, none kept -> keep rate p = (0 + 1) / (2 + 1) -> round 2 asks
-    # ceil((2 + 1.28 * sqrt(2 * (1 - p))) / p) = 11 (rows 2-12).
+    # Round 1: 2 prompts, none kept -> keep rate p = (0 + 1) / (2 + 1) -> round 2 may draw
+    # ceil((2 + 1.28 * sqrt(2 * (1 - p))) / p) = 11 prompts but issues the ceil(2 / p) = 6
+    # expected to fill the batch (rows 2-7); rows 3-5 are kept, the gated 6-7 aborted.
     assert stats.generation_rounds == 2
-    assert sorted(engine.calls) == list(range(13))
-    assert (stats.kept, stats.aborted, stats.dropped_all_wrong) == (3, 7, 2)
+    assert sorted(engine.calls) == list(range(8))
+    assert (stats.kept, stats.aborted, stats.dropped_all_wrong) == (3, 2, 2)
+
+
+def high_keep_rate_queue(engine: ScriptedEngine, num_groups: int) -> DynamicSamplingQueue:
+    queue = make_queue(engine, num_groups=num_groups, adapt=True)
+    queue._keep_rate.load_state_dict({"generated": 999.0, "kept": 900.0 - 1.0})
+    assert queue._keep_rate.keep_rate == pytest.approx(0.9)
+    return queue
+
+
+def test_a_round_issues_the_groups_expected_to_fill_it_not_its_margin():
+    # p = 0.9, 9 groups missing: the round may draw ceil((9 + 1.28 sqrt(0.9)) / 0.9) = 12
+    # prompts, but issues ceil(9 / 0.9) = 10; the margin's 2 are not generated (they were
+    # aborted in flight, or carried, when the first 10 filled the batch).
+    engine = ScriptedEngine({0: WRONG})
+    queue = high_keep_rate_queue(engine, num_groups=9)
+    assert queue._keep_rate.prompts_for(9) == 12
+    _, stats = asyncio.run(queue.next_batch(0))
+    assert sorted(engine.calls) == list(range(10))
+    assert (stats.generation_rounds, stats.kept, stats.aborted, stats.carried_out) == (1, 9, 0, 0)
+
+
+def test_a_dropped_group_is_replaced_from_the_round_budget_at_once():
+    # Rows 0 and 1 are dropped: 8 of the 10 issued are kept, and the round's budget (12)
+    # replaces the missing one at once with ceil(1 / p) = 2 more (rows 10-11), no 2nd round
+    # (row 10 is kept, row 11 dropped).
+    engine = ScriptedEngine({0: WRONG, 1: WRONG, 11: WRONG})
+    queue = high_keep_rate_queue(engine, num_groups=9)
+    _, stats = asyncio.run(queue.next_batch(0))
+    assert sorted(engine.calls) == list(range(12))
+    assert (stats.generation_rounds, stats.kept, stats.dropped_all_wrong) == (1, 9, 3)
 
 
 def mixed_at_rate(p: float, rows: range) -> dict[int, Sequence[str]]:
