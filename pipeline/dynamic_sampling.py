@@ -52,6 +52,7 @@ from pipeline.oversampling import KeepRateEstimator
 from pipeline.prompts import Prompt, PromptSource
 from pipeline.rewards.base import RewardScorer
 from pipeline.rollout_client import RolloutEngine
+from pipeline.sampling_seeds import response_seed
 from pipeline.scoring import ScoredGroup, judge, scored_group
 from pipeline.sglang_client import Generation, SamplingParams
 from pipeline.train_batch import TrainBatch
@@ -65,10 +66,6 @@ class GenerationRoundsExceeded(RuntimeError):
 
 class RewardFunctionFailing(RuntimeError):
     """The reward function failed (raised or timed out) on every response scored in a step."""
-
-
-_SEED_MASK = 2**63 - 1
-"""Sampling seeds are non-negative int64."""
 
 
 @dataclass
@@ -461,8 +458,7 @@ class DynamicSamplingQueue:
         of a group would all be the same. Servers without the flag ignore the seed.
         """
         if self.rollout.deterministic:
-            key = (self.rollout.sampling_seed, group_index, sample_index)
-            seed = hash(key) & _SEED_MASK
+            seed = response_seed(self.rollout.sampling_seed, group_index, sample_index)
         else:
             seed = secrets.randbits(63)
         return replace(self.params, sampling_seed=seed)
