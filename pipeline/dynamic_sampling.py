@@ -315,7 +315,7 @@ class DynamicSamplingQueue:
                 missing = target - len(self._ready)
                 budget = self._keep_rate.prompts_for(missing)
                 if self.rollout.deterministic:
-                    await self._round(self._draw(budget, stats), target, stats)
+                    await self._round_in_order(self._draw(budget, stats), stats)
                 else:
                     await self._stream_round(budget, target, stats)
                 failed = stats.reward_errors + stats.reward_timeouts
@@ -389,13 +389,9 @@ class DynamicSamplingQueue:
         for task in pending - leftovers:
             self._admit(await task, stats)
 
-    async def _round(self, prompts: list[Prompt], target: int, stats: StepStats) -> None:
-        """Generate one group per prompt until `target` groups are ready.
-
-        Then groups whose responses are all in are still scored (and carried over if kept);
-        groups still generating are cancelled, which aborts their requests. With
-        `rollout.deterministic` every group completes and is admitted in prompt order.
-        """
+    async def _round_in_order(self, prompts: list[Prompt], stats: StepStats) -> None:
+        """Deterministic mode: generate one group per prompt, every group to completion, and
+        admit them in prompt order (surplus kept groups are carried over)."""
         scoring: set[asyncio.Task[Any]] = set()
         first = self._issued_groups
         self._issued_groups += len(prompts)
@@ -403,29 +399,13 @@ class DynamicSamplingQueue:
             asyncio.create_task(self._group(prompt, first + offset, scoring))
             for offset, prompt in enumerate(prompts)
         ]
-        if self.rollout.deterministic:
-            try:
-                groups = await asyncio.gather(*tasks)
-            except BaseException:
-                await _cancel(set(tasks))
-                raise
-            for group in groups:
-                self._admit(group, stats)
-            return
-        pending = set(tasks)
         try:
-            while pending and len(self._ready) < target:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    self._admit(task.result(), stats)
+            groups = await asyncio.gather(*tasks)
         except BaseException:
-            await _cancel(pending)
+            await _cancel(set(tasks))
             raise
-        leftovers = {t for t in pending if t not in scoring and not t.done()}
-        stats.aborted += len(leftovers)
-        await _cancel(leftovers)
-        for task in pending - leftovers:
-            self._admit(await task, stats)
+        for group in groups:
+            self._admit(group, stats)
 
     async def _group(
         self, prompt: Prompt, group_index: int, scoring: set[asyncio.Task[Any]]
