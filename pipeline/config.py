@@ -55,6 +55,10 @@ class RolloutConfig(Section):
     (`pipeline.stop_tokens`), () = none."""
     stop: tuple[str, ...] = ()
     """Strings that end a response (SGLang `stop`)."""
+    ignore_eos: bool = False
+    """Generate every training response to `max_response_length`: no end-of-sequence or stop
+    token ends it (SGLang `ignore_eos`; stop strings still do). For throughput benchmarks of a
+    random policy (`configs/bench-dense-25m.yaml`); held-out evaluation still stops."""
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1)

@@ -200,6 +200,7 @@ class DynamicSamplingQueue:
             top_k=self.rollout.top_k,
             stop_token_ids=self.stop_token_ids,
             stop=self.rollout.stop,
+            ignore_eos=self.rollout.ignore_eos,
         )
         self._keep_rate = KeepRateEstimator(self.sampling)
 
