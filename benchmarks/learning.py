@@ -113,15 +113,22 @@ def window_mean(values: Sequence[float], where: str, window: int) -> float:
     return math.fsum(chunk) / len(chunk)
 
 
-def ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}" if a is not None and b else "-"
+Cell = float | str | None
+"""A table value: a number, None (a target not reached) or a text (e.g. "n/a")."""
 
 
-def fmt(value: float | None) -> str:
+def ratio(a: Cell, b: Cell) -> str:
+    numbers = isinstance(a, int | float) and isinstance(b, int | float)
+    return f"{a / b:.2f}" if numbers and b else "-"  # type: ignore[operator]
+
+
+def fmt(value: Cell) -> str:
     """Whole numbers and values >= 100 without decimals, 1 decimal below 100, 3 below 10;
-    "not reached" for None."""
+    "not reached" for None; texts as they are."""
     if value is None:
         return "not reached"
+    if isinstance(value, str):
+        return value
     if value == int(value) or abs(value) >= 100:
         return f"{value:.0f}"
     return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3f}"
@@ -176,7 +183,7 @@ def learning_row(runs: Sequence[Run], target: float, window: int) -> dict[str, f
 
 
 def markdown_table(
-    rows: Mapping[str, Mapping[str, float | None]], per_seed: Mapping[str, str] | None = None
+    rows: Mapping[str, Mapping[str, Cell]], per_seed: Mapping[str, str] | None = None
 ) -> str:
     """Quantities as rows, variants as columns plus `first/second` ratio of the first two."""
     names = list(rows)
@@ -253,37 +260,60 @@ def run_subprocess(command: Sequence[str], run_dir: Path, env: Mapping[str, str]
     (run_dir / "wall.json").write_text(json.dumps({"wall_seconds": wall}))
 
 
-def megatron_dapo_command(run_dir: Path, name: str, seed: int, steps: int) -> list[str]:
-    """The demo's training command for one run in `run_dir` (no Prometheus endpoint)."""
+def megatron_dapo_command(
+    run_dir: Path,
+    name: str,
+    seed: int,
+    steps: int,
+    config: Path = DEMO_CONFIG,
+    overrides: Sequence[str] = (),
+) -> list[str]:
+    """The training command of run config `config` (with `overrides`, then variant `name`'s)
+    for one run in `run_dir` (no Prometheus endpoint); a random-init policy is written to
+    `run_dir/initial-model`."""
+    from megatron_dapo.config.loading import load_config
+
+    random_init = load_config(config, list(overrides)).model.random_init is not None
     return [
         str(Path(sys.executable).with_name("megatron-dapo")),
         "train",
-        str(DEMO_CONFIG),
+        str(config),
+        *overrides,
         *VARIANTS[name],
         f"training.steps={steps}",
         f"training.seed={seed}",
         f"data.seed={seed}",
         f"checkpoint.dir={run_dir / 'checkpoints'}",
-        f"model.hf_checkpoint={run_dir / 'initial-model'}",
+        *([f"model.hf_checkpoint={run_dir / 'initial-model'}"] if random_init else []),
         f"metrics.run_name={run_dir.name}",
         "metrics.prometheus=false",
     ]
 
 
-def samples_per_group() -> int:
+def samples_per_group(config: Path = DEMO_CONFIG, overrides: Sequence[str] = ()) -> int:
     from megatron_dapo.config.loading import load_config
 
-    return load_config(DEMO_CONFIG).rollout.n_samples_per_prompt
+    return load_config(config, list(overrides)).rollout.n_samples_per_prompt
 
 
-def run_megatron_dapo(name: str, seed: int, steps: int, out: Path, reuse: bool) -> Run:
-    """One megatron-dapo run of variant `name` (or the finished one in its directory)."""
+def run_megatron_dapo(
+    name: str,
+    seed: int,
+    steps: int,
+    out: Path,
+    reuse: bool,
+    config: Path = DEMO_CONFIG,
+    overrides: Sequence[str] = (),
+) -> Run:
+    """One megatron-dapo run of variant `name` of `config` (or the finished one in its
+    directory)."""
     run_dir = out / f"{name.lower()}-seed{seed}-steps{steps}"
     if not (reuse and (run_dir / "wall.json").is_file()):
         print(f"[learning] {name} seed {seed}: {run_dir}", file=sys.stderr, flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        run_subprocess(megatron_dapo_command(run_dir, name, seed, steps), run_dir, env)
-    return load_run(run_dir, name, seed, samples_per_group())
+        command = megatron_dapo_command(run_dir, name, seed, steps, config, overrides)
+        run_subprocess(command, run_dir, env)
+    return load_run(run_dir, name, seed, samples_per_group(config, overrides))
 
 
 def interleaved(
