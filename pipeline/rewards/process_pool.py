@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import multiprocessing
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -88,6 +89,11 @@ class DeadlineProcessPool:
     An exception raised by ``fn`` is that call's outcome (``CallOutcome.error``); the batch's
     other calls go on. If a worker dies, ``BrokenProcessPool`` propagates (the batch's other
     calls are abandoned) after the pool is restarted, so it stays usable.
+
+    Thread-safe: concurrent :meth:`map` calls (the queue scores groups from several worker
+    threads) take the workers one batch at a time. Without that, their calls queued behind
+    each other's, timed out while waiting, and one batch's restart killed the others' workers
+    (a run stalled after two spurious timeouts).
     """
 
     def __init__(self, fn_path: str, num_workers: int, timeout_s: float) -> None:
@@ -112,6 +118,7 @@ class DeadlineProcessPool:
         self._fn_path = fn_path
         self._num_workers = num_workers
         self._timeout_s = timeout_s
+        self._lock = threading.Lock()
         self._executor: ProcessPoolExecutor | None = self._new_executor()
 
     def _new_executor(self) -> ProcessPoolExecutor:
@@ -142,7 +149,12 @@ class DeadlineProcessPool:
         self._executor = self._new_executor()
 
     def map(self, calls: Sequence[tuple[Any, ...]]) -> list[CallOutcome]:
-        """Run ``fn(*args)`` for each ``args`` in ``calls``; outcomes in input order."""
+        """Run ``fn(*args)`` for each ``args`` in ``calls``; outcomes in input order (one
+        batch at a time across threads)."""
+        with self._lock:
+            return self._map(calls)
+
+    def _map(self, calls: Sequence[tuple[Any, ...]]) -> list[CallOutcome]:
         outcomes: list[CallOutcome | None] = [None] * len(calls)
         pending = deque(range(len(calls)))
         running: dict[Future[Any], tuple[int, float]] = {}
@@ -182,7 +194,8 @@ class DeadlineProcessPool:
         return cast(list[CallOutcome], outcomes)
 
     def close(self) -> None:
-        """Stop and reap all workers (killing any still busy); idempotent."""
-        if self._executor is not None:
-            self._kill_workers()
-            self._executor = None
+        """Stop and reap all workers (after the batch running, if any); idempotent."""
+        with self._lock:
+            if self._executor is not None:
+                self._kill_workers()
+                self._executor = None

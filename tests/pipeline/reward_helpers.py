@@ -18,6 +18,9 @@ NOT_A_RESULT = "<float>"
 """Response that makes :func:`scripted_reward` return a float instead of a RewardResult."""
 PID = "<pid>"
 """Response that makes :func:`scripted_reward` report its worker's pid as ``extracted``."""
+SLOW = "<slow>"
+"""Response that makes :func:`scripted_reward` take `SLOW_S` seconds, then judge it correct."""
+SLOW_S = 0.4
 
 
 def scripted_reward(response: str, ground_truth: str) -> RewardResult:
@@ -31,6 +34,9 @@ def scripted_reward(response: str, ground_truth: str) -> RewardResult:
         raise ValueError("scripted failure")
     if response == NOT_A_RESULT:
         return 1.0  # type: ignore[return-value]
+    if response == SLOW:
+        time.sleep(SLOW_S)
+        return RewardResult.from_correctness(True, response)
     if response == PID:
         return RewardResult.from_correctness(False, str(os.getpid()))
     return RewardResult.from_correctness(response == ground_truth, response)

@@ -6,6 +6,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -126,6 +127,26 @@ def test_worker_errors_are_results_and_a_dead_worker_raises(zombies_before: set[
             scorer.score(helpers.CRASH, "x")
         assert _is_gone(worker_pid)
         assert scorer.score("ok", "ok").acc
+    assert _zombie_children() <= zombies_before
+
+
+def test_concurrent_batches_from_threads_each_get_their_own_deadline(
+    zombies_before: set[int],
+) -> None:
+    """The queue scores groups from several worker threads at once: their calls share the
+    pool's workers one batch at a time, so none waits out its deadline behind the others'
+    (6 threads x 2 calls of 0.4 s on one worker: 4.8 s, more than twice the 2 s deadline),
+    and one that does time out does not disturb the rest."""
+    pairs = [(helpers.SLOW, "x")] * 2
+    scorer = MathVerifyScorer(num_workers=1, timeout_s=TIMEOUT_S, fn_path=SCRIPTED)
+    with scorer, ThreadPoolExecutor(max_workers=6) as threads:
+        batches = list(threads.map(lambda _: scorer.score_batch(pairs), range(6)))
+        assert [r.timed_out for batch in batches for r in batch] == [False] * 12
+        assert all(r.acc for batch in batches for r in batch)
+        hung = threads.submit(scorer.score_batch, [(helpers.HANG, "x")])
+        others = [threads.submit(scorer.score_batch, pairs) for _ in range(3)]
+        assert hung.result()[0].timed_out
+        assert [r.acc for other in others for r in other.result()] == [True] * 6
     assert _zombie_children() <= zombies_before
 
 
