@@ -44,8 +44,8 @@ def test_record_sets_every_series() -> None:
 
 def test_unknown_phase_is_rejected() -> None:
     exporter = TrainerMetricsExporter("r", CollectorRegistry())
-    with pytest.raises(ValueError, match="unknown step phase 'eval'"):
-        exporter.record(_metrics(phase_seconds={"eval": 1.0}))
+    with pytest.raises(ValueError, match="unknown step phase 'checkpoint'"):
+        exporter.record(_metrics(phase_seconds={"checkpoint": 1.0}))
 
 
 def test_serve_exposes_text_format_on_loopback() -> None:
