@@ -1,13 +1,15 @@
 """Megatron distributed checkpoints (`dist_checkpointing`) of a `PolicyTrainer`.
 
 One checkpoint directory holds the model chunks and the optimizer state as sharded tensors
-(torch_dist format), plus the LR scheduler state and the optimizer-step counter as common state.
-The distributed optimizer is saved in its `dp_reshardable` format: every rank writes its own
-shard of the flat optimizer buffers, with no gather and no copy, and the checkpoint loads with
-another DP size but the same TP/PP/EP layout (a run changes layout through its HF export). Its
-`fully_reshardable` format gathers the whole stage's Adam state on every DP rank to save it: on
-SmolLM2-135M with DP2 that took +3.9 GiB per rank (13.5 GiB on the machine) against +0.5 GiB
-for rank 0 alone here; Megatron-Core 0.16.1's default format fails on load.
+(torch_dist format, resharded on load: it may be loaded with another DP size, TP/PP/EP layout
+included where Megatron-Core supports it), plus the LR scheduler state and the optimizer-step
+counter as common state. The distributed optimizer is saved in its `fully_reshardable` format
+(Megatron-Core 0.16.1's default format fails for it on load). That format gathers the stage's
+whole Adam state on every DP rank while saving (SmolLM2-135M with DP2: +3.9 GiB per rank, 13.5
+GiB used on the machine during the save). Its `dp_reshardable` format copies nothing (+0.5 GiB)
+but is unusable with expert parallelism in Megatron-Core 0.16.1: the expert optimizer's shard
+keys are named by the rank in the expert TP x PP group, not the EP rank, so EP ranks write the
+same keys, and the EP2 e2e exact-resume test diverged with it.
 
 Entry scripts that save must guard their code with `if __name__ == "__main__":`: the torch_dist
 writer starts processes with the `spawn` method, which re-imports the main module.
@@ -24,7 +26,7 @@ from megatron_dapo.config.schema import RunConfig
 from megatron_dapo.mcore.parallel import model_device
 from megatron_dapo.mcore.policy_step import PolicyTrainer
 
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def check_checkpointable(config: RunConfig) -> None:

@@ -111,24 +111,6 @@ class _ExpertLoadCounter:
         return counts.cpu()
 
 
-def _end_buckets_at_their_last_parameter(ddp_chunks: list[torch.nn.Module]) -> None:
-    """Correct each gradient bucket's `numel_unpadded` to end at its last parameter (in place).
-
-    Megatron-Core 0.16.1 (`_ParamAndGradBuffer.__init__`) closes the bucket before a shared
-    embedding at that parameter's padded start, so with the distributed optimizer, tied
-    embeddings and pipeline stages the first stage's bucket counts up to 63 alignment elements
-    after its last parameter as unpadded. The optimizer's `dp_reshardable` checkpoint then pads
-    that bucket past its own size and the save fails ("out of bounds chunk"). Only checkpoints
-    read `numel_unpadded`; must run before the optimizer copies the sizes.
-    """
-    for chunk in ddp_chunks:
-        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
-            for bucket in buffer.buckets:
-                end = max(buffer.param_index_map[param][1] for param in bucket.params)
-                bucket.numel_unpadded = end - bucket.offset
-            buffer.numel_unpadded = sum(bucket.numel_unpadded for bucket in buffer.buckets)
-
-
 class MegatronTrainer:
     """This rank's policy chunks in Megatron DDP, its optimizer and LR schedule; the subclass
     defines what a step computes (see the module doc).
@@ -176,7 +158,6 @@ class MegatronTrainer:
             else self.chunks[0].no_sync
         )
         self.transformer_config.finalize_model_grads_func = finalize_model_grads
-        _end_buckets_at_their_last_parameter(self.chunks)
         opt = optimizer
         self.optimizer = get_megatron_optimizer(
             MegatronOptimizerConfig(
