@@ -271,7 +271,7 @@ class RewardConfig(Section):
     """The reward function: a registered name or a user function's import path."""
 
     function: str = "dapo_math"
-    """Registered name (`dapo_math`, `math_verify`) or `package.module:function`."""
+    """Registered name (see `pipeline.rewards.REWARD_SCORERS`) or `package.module:function`."""
     timeout_s: float = Field(10.0, gt=0.0)
     num_workers: int = Field(2, ge=1)
     score_truncated: Literal["as_is", "wrong"] = "wrong"

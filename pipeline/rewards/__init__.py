@@ -8,6 +8,7 @@ from types import MappingProxyType
 from pipeline.rewards.base import FunctionScorer, RewardResult, RewardScorer
 from pipeline.rewards.dapo_math import dapo_math_reward
 from pipeline.rewards.exact_match import exact_match_reward
+from pipeline.rewards.final_number import final_number_reward
 from pipeline.rewards.math_verify_reward import MathVerifyScorer
 from pipeline.rewards.pooled_scorer import DEFAULT_TIMEOUT_S, ProcessPoolScorer
 
@@ -18,10 +19,11 @@ REWARD_SCORERS: Mapping[str, ScorerFactory] = MappingProxyType(
     {
         "dapo_math": lambda num_workers, timeout_s: FunctionScorer(dapo_math_reward),
         "exact_match": lambda num_workers, timeout_s: FunctionScorer(exact_match_reward),
+        "final_number": lambda num_workers, timeout_s: FunctionScorer(final_number_reward),
         "math_verify": MathVerifyScorer,
     }
 )
-"""Registered reward scorers by name; ``dapo_math`` and ``exact_match`` run in-process."""
+"""Registered reward scorers by name; all but ``math_verify`` run in-process."""
 
 
 def get_reward_scorer(

@@ -12,11 +12,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_registered_names() -> None:
-    assert set(REWARD_SCORERS) == {"dapo_math", "exact_match", "math_verify"}
+    assert set(REWARD_SCORERS) == {"dapo_math", "exact_match", "final_number", "math_verify"}
 
 
 def test_unknown_name_lists_registered() -> None:
-    with pytest.raises(ValueError, match="'nope'.*dapo_math, exact_match, math_verify"):
+    registered = "dapo_math, exact_match, final_number, math_verify"
+    with pytest.raises(ValueError, match=f"'nope'.*{registered}"):
         get_reward_scorer("nope")
 
 
