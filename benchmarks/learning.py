@@ -154,7 +154,12 @@ def step_seconds(record: Mapping[str, object]) -> float:
 def target_rows(runs: Sequence[Run], target: float, window: int) -> dict[str, float | None]:
     """Steps to `target` of the seed-mean accuracy, and the generated samples and summed step
     times up to that step (means over `runs`); None where the target is not reached."""
-    reached = steps_to_target(mean_curve(runs, "accuracy"), target, window)
+    return rows_up_to(runs, steps_to_target(mean_curve(runs, "accuracy"), target, window))
+
+
+def rows_up_to(runs: Sequence[Run], reached: int | None) -> dict[str, float | None]:
+    """Step `reached` (1-based) as steps to target, and the generated samples and summed step
+    times of `runs` up to it (means over `runs`); all None if `reached` is None."""
     if reached is None:
         return dict.fromkeys(("steps to target", "samples to target", "step time to target (s)"))
     return {
@@ -183,20 +188,26 @@ def learning_row(runs: Sequence[Run], target: float, window: int) -> dict[str, f
 
 
 def markdown_table(
-    rows: Mapping[str, Mapping[str, Cell]], per_seed: Mapping[str, str] | None = None
+    rows: Mapping[str, Mapping[str, Cell]],
+    per_seed: Mapping[str, str] | None = None,
+    ratio_of: tuple[str, str] | None = None,
 ) -> str:
-    """Quantities as rows, variants as columns plus `first/second` ratio of the first two."""
+    """Quantities as rows, variants as columns plus the `first/second` ratio of the variants
+    `ratio_of` (default the first two). The quantities are those of all variants in order of
+    appearance; a variant without one shows "-"."""
     names = list(rows)
-    first, second = names[0], names[1]
+    first, second = ratio_of or (names[0], names[1])
+    keys = dict.fromkeys(key for n in names for key in rows[n])
     lines = [
         f"| quantity | {' | '.join(names)} | {first}/{second} |",
         "|---" * (len(names) + 2) + "|",
     ]
     if per_seed:
         lines.append(f"| steps to target (per seed) | {' | '.join(per_seed[n] for n in names)} | |")
-    for key in rows[first]:
-        values = " | ".join(fmt(rows[n][key]) for n in names)
-        lines.append(f"| {key} | {values} | {ratio(rows[first][key], rows[second][key])} |")
+    for key in keys:
+        values = " | ".join(fmt(rows[n].get(key, "-")) for n in names)
+        cells = (rows[first].get(key), rows[second].get(key))
+        lines.append(f"| {key} | {values} | {ratio(*cells)} |")
     return "\n".join(lines)
 
 
@@ -267,10 +278,11 @@ def megatron_dapo_command(
     steps: int,
     config: Path = DEMO_CONFIG,
     overrides: Sequence[str] = (),
+    variants: Mapping[str, Sequence[str]] = VARIANTS,
 ) -> list[str]:
-    """The training command of run config `config` (with `overrides`, then variant `name`'s)
-    for one run in `run_dir` (no Prometheus endpoint); a random-init policy is written to
-    `run_dir/initial-model`."""
+    """The training command of run config `config` (with `overrides`, then variant `name`'s
+    from `variants`) for one run in `run_dir` (no Prometheus endpoint); a random-init policy is
+    written to `run_dir/initial-model`."""
     from megatron_dapo.config.loading import load_config
 
     random_init = load_config(config, list(overrides)).model.random_init is not None
@@ -279,7 +291,7 @@ def megatron_dapo_command(
         "train",
         str(config),
         *overrides,
-        *VARIANTS[name],
+        *variants[name],
         f"training.steps={steps}",
         f"training.seed={seed}",
         f"data.seed={seed}",
@@ -296,6 +308,16 @@ def samples_per_group(config: Path = DEMO_CONFIG, overrides: Sequence[str] = ())
     return load_config(config, list(overrides)).rollout.n_samples_per_prompt
 
 
+def run_directory(out: Path, name: str, seed: int, steps: int) -> Path:
+    """Where `run_megatron_dapo` runs variant `name` with `seed` for `steps` steps."""
+    return out / f"{name.lower()}-seed{seed}-steps{steps}"
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a finished run (`wall.json` is written last)."""
+    return (run_dir / "wall.json").is_file()
+
+
 def run_megatron_dapo(
     name: str,
     seed: int,
@@ -304,14 +326,15 @@ def run_megatron_dapo(
     reuse: bool,
     config: Path = DEMO_CONFIG,
     overrides: Sequence[str] = (),
+    variants: Mapping[str, Sequence[str]] = VARIANTS,
 ) -> Run:
-    """One megatron-dapo run of variant `name` of `config` (or the finished one in its
-    directory)."""
-    run_dir = out / f"{name.lower()}-seed{seed}-steps{steps}"
-    if not (reuse and (run_dir / "wall.json").is_file()):
+    """One megatron-dapo run of variant `name` (from `variants`) of `config`, or with `reuse`
+    the finished one in its directory; an unfinished directory is cleared and run again."""
+    run_dir = run_directory(out, name, seed, steps)
+    if not (reuse and is_finished(run_dir)):
         print(f"[learning] {name} seed {seed}: {run_dir}", file=sys.stderr, flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        command = megatron_dapo_command(run_dir, name, seed, steps, config, overrides)
+        command = megatron_dapo_command(run_dir, name, seed, steps, config, overrides, variants)
         run_subprocess(command, run_dir, env)
     return load_run(run_dir, name, seed, samples_per_group(config, overrides))
 
@@ -327,13 +350,15 @@ def interleaved(
     return runs
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+def add_common_arguments(
+    parser: argparse.ArgumentParser, out: str, reuse_help: str = "keep finished runs in --out"
+) -> None:
     parser.add_argument("--steps", type=int, default=40, help="RL steps per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--target", type=float, default=0.06, help="target accuracy")
     parser.add_argument("--window", type=int, default=5, help="steps of the trailing mean")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "benchmarks" / out)
-    parser.add_argument("--reuse", action="store_true", help="keep finished runs in --out")
+    parser.add_argument("--reuse", action="store_true", help=reuse_help)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
