@@ -144,7 +144,7 @@ class DynamicSamplingQueue:
         metrics: queue metrics (a private registry when not given).
         stop_token_ids: token ids that end a response.
         score_truncated: how a response truncated at the length limit is scored (`wrong` or
-            `as_is`, see `pipeline.judging`).
+            `as_is`, see `pipeline.scoring.judge_responses`).
     """
 
     prompts: PromptSource

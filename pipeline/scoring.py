@@ -1,7 +1,8 @@
 """Scoring a finished group: the G responses to one prompt -> a `ScoredGroup` with shaped rewards.
 
 1. Correctness (`judge` -> `Judgement`): the reward scorer's verdict on each response, with the
-   run's rule for responses cut at the length limit (`pipeline.judging`), in a worker thread.
+   run's rule for responses cut at the length limit (`reward.score_truncated`), in a worker
+   thread; the held-out evaluation judges its samples the same way, without step 2.
    A response whose reward call times out or whose reward function raises (or returns a wrong
    type) is scored as wrong, counted (`Judgement.timeouts`, `Judgement.errors`) and logged as a
    warning.
@@ -21,8 +22,7 @@ from typing import Literal
 import torch
 
 from pipeline.config import OverlongConfig
-from pipeline.judging import judge_responses
-from pipeline.overlong import soft_overlong_punishment
+from pipeline.overlong import TRUNCATED_FINISH_REASON, soft_overlong_punishment
 from pipeline.prompts import Prompt
 from pipeline.rewards.base import RewardResult, RewardScorer
 from pipeline.sglang_client import Generation
@@ -88,6 +88,32 @@ class Judgement:
         return next((r.error for r in self.results if r.error is not None), None)
 
 
+def judge_responses(
+    generations: Sequence[Generation],
+    ground_truth: str,
+    scorer: RewardScorer,
+    decode: Callable[[Sequence[int]], str],
+    score_truncated: Literal["as_is", "wrong"],
+) -> list[RewardResult]:
+    """One `RewardResult` per generation, in order (blocking: run it in a worker thread).
+
+    `score_truncated: wrong` judges a response cut at the length limit (finish reason
+    `length`) wrong without calling the scorer (`Answer: 14` of a cut-off 144 is no answer);
+    `as_is` scores its text like any other.
+    """
+    judged = [
+        i
+        for i, g in enumerate(generations)
+        if score_truncated == "as_is" or g.finish_reason != TRUNCATED_FINISH_REASON
+    ]
+    pairs = [(decode(generations[i].output_ids), ground_truth) for i in judged]
+    scored = scorer.score_batch(pairs) if pairs else []
+    results = [RewardResult.from_correctness(False, None)] * len(generations)
+    for i, result in zip(judged, scored, strict=True):
+        results[i] = result
+    return results
+
+
 async def judge(
     prompt: Prompt,
     generations: Sequence[Generation],
@@ -95,8 +121,8 @@ async def judge(
     decode: Callable[[Sequence[int]], str],
     score_truncated: Literal["as_is", "wrong"],
 ) -> Judgement:
-    """The correctness of the responses to `prompt` (`pipeline.judging.judge_responses` with
-    these arguments, in a worker thread), timed, its reward failures logged."""
+    """The correctness of the responses to `prompt` (`judge_responses` in a worker thread),
+    timed, its reward failures logged."""
     begin = time.monotonic()
     results = await asyncio.to_thread(
         judge_responses, generations, prompt.ground_truth, scorer, decode, score_truncated
