@@ -26,26 +26,40 @@ def first_char_is_a_letter(response: str, ground_truth: str) -> RewardResult:
     return RewardResult.from_correctness(response[:1].isalpha(), response[:1])
 
 
+def make_queue(
+    tokenizer,
+    client: RolloutClient,
+    rollout: RolloutConfig,
+    stop_token_ids: tuple[int, ...] = (),
+    score_truncated: str = "wrong",
+) -> DynamicSamplingQueue:
+    """A queue of 2 groups over 64 "Count to i." prompts, scored by `first_char_is_a_letter`."""
+    rows = [PromptRow([{"role": "user", "content": f"Count to {i}."}], "") for i in range(64)]
+    return DynamicSamplingQueue(
+        prompts=PromptSource(rows, tokenizer, max_prompt_length=64, seed=0),
+        engine=client,
+        scorer=FunctionScorer(first_char_is_a_letter),
+        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        advantage=AdvantageConfig(estimator="dr_grpo"),
+        num_groups=2,
+        rollout=rollout,
+        sampling=DynamicSamplingConfig(max_generation_rounds=8),
+        overlong=OverlongConfig(cache_length=4, filter_truncated=True),
+        stop_token_ids=stop_token_ids,
+        score_truncated=score_truncated,
+    )
+
+
 def test_queue_fills_batches_from_the_fleet_across_a_weight_update(
     tiny_models, live_urls, reference_logprobs
 ):
     tokenizer = AutoTokenizer.from_pretrained(tiny_models.base)
-    rows = [PromptRow([{"role": "user", "content": f"Count to {i}."}], "") for i in range(64)]
 
     async def main():
         async with aiohttp.ClientSession() as session:
             client = RolloutClient([SGLangServerClient(u, session, 8, 120.0) for u in live_urls])
-            queue = DynamicSamplingQueue(
-                prompts=PromptSource(rows, tokenizer, max_prompt_length=64, seed=0),
-                engine=client,
-                scorer=FunctionScorer(first_char_is_a_letter),
-                decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                advantage=AdvantageConfig(estimator="dr_grpo"),
-                num_groups=2,
-                rollout=RolloutConfig(n_samples_per_prompt=G, max_response_length=12),
-                sampling=DynamicSamplingConfig(max_generation_rounds=8),
-                overlong=OverlongConfig(cache_length=4, filter_truncated=True),
-            )
+            rollout = RolloutConfig(n_samples_per_prompt=G, max_response_length=12)
+            queue = make_queue(tokenizer, client, rollout)
             first = await queue.next_batch(0)
             await client.update_weights_from_disk(str(tiny_models.other), weight_version=1)
             try:
@@ -74,3 +88,23 @@ def test_queue_fills_batches_from_the_fleet_across_a_weight_update(
         got = batch.rollout_log_probs[prompt_end:end].double()
         torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)
     assert stats1.dropped_stale == stats0.carried_out, "max_staleness=0 drops every carried group"
+
+
+def test_ignore_eos_generates_every_response_to_the_length_limit(tiny_models, live_urls):
+    """`rollout.ignore_eos` reaches the server: with half the vocabulary as stop tokens,
+    responses end early without it and all run to `max_response_length` with it."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.base)
+    stop = tuple(range(len(tokenizer) // 2))
+
+    async def lengths(ignore_eos: bool) -> list[int]:
+        async with aiohttp.ClientSession() as session:
+            client = RolloutClient([SGLangServerClient(u, session, 8, 120.0) for u in live_urls])
+            rollout = RolloutConfig(
+                n_samples_per_prompt=G, max_response_length=12, ignore_eos=ignore_eos
+            )
+            queue = make_queue(tokenizer, client, rollout, stop, score_truncated="as_is")
+            batch, _ = await queue.next_batch(0)
+            return batch.response_lengths().tolist()
+
+    assert min(asyncio.run(lengths(ignore_eos=False))) < 12
+    assert asyncio.run(lengths(ignore_eos=True)) == [12] * (2 * G)
