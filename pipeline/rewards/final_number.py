@@ -8,23 +8,18 @@ never evaluates an expression, so restating the question (``"5 + 9 + 7 = N."`` w
 missing N) is not rewarded: only the number written last counts.
 
 Numbers are optionally signed integers or decimals, with or without thousands separators
-(``1,234.5``); they are compared by value (``"21.0"`` equals ``"21"``).
+(``1,234.5``); they are compared like `dapo_math` compares answers (normalised, then by value:
+``"21.0"`` equals ``"21"``).
 """
 
 from __future__ import annotations
 
 import re
-from decimal import Decimal
 
 from pipeline.rewards.base import RewardResult
-from pipeline.rewards.dapo_math import extract_final_answer
+from pipeline.rewards.dapo_math import answers_match, extract_final_answer, normalize_answer
 
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-
-
-def _value(number: str) -> Decimal:
-    """The value of a match of :data:`_NUMBER`."""
-    return Decimal(number.replace(",", ""))
 
 
 def last_number(text: str) -> str | None:
@@ -52,5 +47,7 @@ def final_number_reward(response: str, ground_truth: str) -> RewardResult:
         raise ValueError(f"final_number needs a numeric ground truth, got {ground_truth!r}")
     answer_line = extract_final_answer(response)
     prediction = last_number(response if answer_line is None else answer_line)
-    acc = prediction is not None and _value(prediction) == _value(truth)
+    acc = prediction is not None and answers_match(
+        normalize_answer(prediction), normalize_answer(truth)
+    )
     return RewardResult.from_correctness(acc, prediction)
