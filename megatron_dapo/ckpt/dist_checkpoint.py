@@ -13,11 +13,16 @@ expert optimizers name their shards apart (`data_parallel_group_idx` 0 and 1) an
 parity tests resume EP2 within tolerance; the cause is not found yet.
 
 Entry scripts that save must guard their code with `if __name__ == "__main__":`: the torch_dist
-writer starts processes with the `spawn` method, which re-imports the main module.
+writer starts processes with the `spawn` method, which re-imports the main module. One of them,
+the `multiprocessing` manager serving the writer's result queue, lives as long as the rank; it is
+started here so that it dies with the rank (`pipeline.parent_death`) instead of living on as an
+orphan of ~0.5 GiB (the main module's imports) when the rank is SIGKILLed.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 
 import torch
@@ -28,6 +33,9 @@ from megatron_dapo.mcore.parallel import model_device
 from megatron_dapo.mcore.policy_step import PolicyTrainer
 
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+_writer_queue_manager: SyncManager | None = None
+"""The manager process behind the torch_dist writer's result queue, once the rank has saved."""
 
 
 def check_checkpointable(config: RunConfig) -> None:
@@ -81,7 +89,24 @@ def save_checkpoint(trainer: PolicyTrainer, directory: str | Path) -> None:
     dist.all_reduce(failed)
     if failed.item():
         raise FileExistsError(f"checkpoint directory {directory} already exists")
+    _start_writer_queue_dying_with_this_rank()
     dist_checkpointing.save(_sharded_state_dict(trainer, is_loading=False), str(directory))
+
+
+def _start_writer_queue_dying_with_this_rank() -> None:
+    """Give Megatron-Core's torch_dist writer its result queue (`filesystem_async._results_queue`,
+    which it would otherwise create on the first save) from a manager process that gets SIGKILL
+    when this rank exits. Idempotent."""
+    global _writer_queue_manager
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from pipeline.parent_death import exit_with_parent
+
+    if _writer_queue_manager is not None:
+        return
+    _writer_queue_manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    _writer_queue_manager.start(initializer=exit_with_parent)
+    filesystem_async._results_queue = _writer_queue_manager.Queue()
 
 
 def load_checkpoint(trainer: PolicyTrainer, directory: str | Path) -> None:

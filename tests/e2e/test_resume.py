@@ -20,8 +20,10 @@ import pytest
 
 from megatron_dapo.ckpt.run_checkpoint import complete_checkpoints
 from tests.e2e.train_runs import (
+    alive,
+    command_line,
+    descendants,
     finish,
-    processes_mentioning,
     start,
     step_records,
     train_command,
@@ -77,14 +79,17 @@ def _kill_when_logged(process: subprocess.Popen[bytes], run_dir: Path, log: Path
         assert process.poll() is None, log.read_text()[-4000:]
         assert time.monotonic() < deadline, "the run did not reach the kill point"
         time.sleep(0.2)
+    started = descendants(process.pid)  # ranks, and the checkpoint writer's processes
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     # torchrun starts its ranks in sessions of their own: they die with their parent
-    # (`pipeline.parent_death`), not with the launcher's process group.
+    # (`pipeline.parent_death`), not with the launcher's process group, and so do the
+    # processes they started.
     deadline = time.monotonic() + 30.0
-    while processes_mentioning(str(run_dir)) and time.monotonic() < deadline:
+    while alive(started) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert processes_mentioning(str(run_dir)) == [], "ranks outlived the killed launcher"
+    survivors = [command_line(pid) for pid in alive(started)]
+    assert not survivors, f"processes of the run outlived the killed launcher: {survivors}"
 
 
 @pytest.mark.parametrize("staleness", [0, 1])
