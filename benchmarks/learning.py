@@ -329,13 +329,16 @@ def run_megatron_dapo(
     variants: Mapping[str, Sequence[str]] = VARIANTS,
 ) -> Run:
     """One megatron-dapo run of variant `name` (from `variants`) of `config`, or with `reuse`
-    the finished one in its directory; an unfinished directory is cleared and run again."""
+    the finished one in its directory; an unfinished directory is cleared and run again. The
+    run's checkpoints are deleted once it has finished (the benchmarks read its metrics; the
+    final weights stay in `weights/`): ~2 GB per SmolLM2 run."""
     run_dir = run_directory(out, name, seed, steps)
     if not (reuse and is_finished(run_dir)):
         print(f"[learning] {name} seed {seed}: {run_dir}", file=sys.stderr, flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         command = megatron_dapo_command(run_dir, name, seed, steps, config, overrides, variants)
         run_subprocess(command, run_dir, env)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return load_run(run_dir, name, seed, samples_per_group(config, overrides))
 
 
