@@ -322,7 +322,9 @@ def train(names: Sequence[str], seeds: Sequence[int], steps: int, out: Path) -> 
     failures = []
     for seed in seeds:
         for name in names:
-            try:  # reuse: a finished run is loaded, not trained again
+            if is_finished(run_directory(out, name, seed, steps)):
+                continue
+            try:
                 run_megatron_dapo(name, seed, steps, out, True, CONFIG, variants=ROWS)
             except RuntimeError as error:
                 print(f"[ablation] {error}", file=sys.stderr, flush=True)

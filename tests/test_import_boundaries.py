@@ -59,7 +59,9 @@ ALLOWED: dict[str, Rule] = {
             "pipeline.weight_sync",
         )
     ),
-    "megatron_dapo.ckpt": Rule(project=("megatron_dapo.config", "megatron_dapo.mcore")),
+    "megatron_dapo.ckpt": Rule(
+        project=("megatron_dapo.config", "megatron_dapo.mcore", "pipeline.parent_death")
+    ),
     "megatron_dapo.report": Rule(
         project=("megatron_dapo.config", "megatron_dapo.mcore", "pipeline"),
         forbidden=("megatron",),
