@@ -78,16 +78,22 @@ def processes_mentioning(text: str) -> list[int]:
     return pids
 
 
+def _state_and_parent(pid: int) -> tuple[str, int] | None:
+    """`pid`'s state letter (`Z`: zombie) and its parent's PID, None if it does not exist."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
 def descendants(pid: int) -> set[int]:
     """PIDs of the live processes descended from `pid` (children, their children, ...)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":  # state, then the parent's PID
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        child = int(stat.parent.name)
+        if (found := _state_and_parent(child)) is not None and found[0] != "Z":
+            children.setdefault(found[1], []).append(child)
     found, frontier = set(), [pid]
     while frontier:
         for child in children.get(frontier.pop(), []):
@@ -98,15 +104,9 @@ def descendants(pid: int) -> set[int]:
 
 def alive(pids: set[int]) -> set[int]:
     """Those of `pids` that are still running (zombies count as ended)."""
-    running = set()
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            running.add(pid)
-    return running
+    return {
+        pid for pid in pids if (found := _state_and_parent(pid)) is not None and found[0] != "Z"
+    }
 
 
 def command_line(pid: int) -> str:
