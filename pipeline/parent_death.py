@@ -17,19 +17,21 @@ import sys
 _PR_SET_PDEATHSIG = 1
 
 
-def exit_with_parent() -> None:
-    """Have this process SIGKILLed when its parent exits; a no-op outside Linux.
+def exit_with_parent(signum: int = signal.SIGKILL) -> None:
+    """Have this process get `signum` (default SIGKILL) when its parent exits; a no-op outside
+    Linux.
 
-    Usable as a `subprocess.Popen(preexec_fn=...)` (async-signal-safe: one libc call).
-    If the parent is already gone (adopted by init), the process kills itself at once.
+    Usable as a `subprocess.Popen(preexec_fn=...)` (async-signal-safe: one libc call; the
+    setting survives exec). If the parent is already gone (adopted by init), the process gets
+    `signum` at once.
     """
     if not sys.platform.startswith("linux"):
         return
     parent = os.getppid()
-    if _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+    if _LIBC.prctl(_PR_SET_PDEATHSIG, signum) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if parent == 1:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signum)
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None

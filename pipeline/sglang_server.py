@@ -1,14 +1,16 @@
 """Local SGLang server and `sglang-router` processes: command lines, start, health wait, stop.
 
-Each process runs in its own process group (so its scheduler and detokenizer children go with
-it), writes stdout and stderr to a log file, and is stopped by PID: SIGTERM to the group, then
-SIGKILL after a grace period. Health is polled over HTTP with a deadline; a process that exits
-while starting fails fast with the tail of its log.
+Each process runs in its own process group under `pipeline.group_reaper` (so its scheduler and
+detokenizer children go with it, even when its owner is killed), writes stdout and stderr to a
+log file, and is stopped by PID: SIGTERM to the group, then SIGKILL after a grace period.
+Health is polled over HTTP with a deadline; a process that exits while starting fails fast with
+the tail of its log.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -20,6 +22,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pipeline import group_reaper
 from pipeline.parent_death import exit_with_parent
 
 CPU_KV_TOKENS = 8192
@@ -174,18 +177,19 @@ class ManagedProcess:
         return self._popen.pid if self._popen else None
 
     def start(self) -> None:
-        """Spawn the process (new session, so it and its children share one process group;
-        SIGKILLed if this thread exits, see `pipeline.parent_death`)."""
+        """Spawn the process under a group reaper in a new session: the reaper leads the group
+        the process and its children share, and kills all of it when this thread exits or the
+        process ends (`pipeline.group_reaper`)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self._popen = subprocess.Popen(
-                self.argv,
+                [sys.executable, "-I", group_reaper.__file__, *self.argv],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=self._env,
                 start_new_session=True,
-                preexec_fn=exit_with_parent,
+                preexec_fn=functools.partial(exit_with_parent, group_reaper.PARENT_DEATH_SIGNAL),
             )
 
     def is_running(self) -> bool:

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.group_reaper import stat_fields
+
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "demo-cpu.yaml"
 
@@ -78,21 +80,12 @@ def processes_mentioning(text: str) -> list[int]:
     return pids
 
 
-def _state_and_parent(pid: int) -> tuple[str, int] | None:
-    """`pid`'s state letter (`Z`: zombie) and its parent's PID, None if it does not exist."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return fields[0], int(fields[1])
-
-
 def descendants(pid: int) -> set[int]:
     """PIDs of the live processes descended from `pid` (children, their children, ...)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         child = int(stat.parent.name)
-        if (found := _state_and_parent(child)) is not None and found[0] != "Z":
+        if (found := stat_fields(child)) is not None and found[0] != "Z":
             children.setdefault(found[1], []).append(child)
     found, frontier = set(), [pid]
     while frontier:
@@ -104,9 +97,7 @@ def descendants(pid: int) -> set[int]:
 
 def alive(pids: set[int]) -> set[int]:
     """Those of `pids` that are still running (zombies count as ended)."""
-    return {
-        pid for pid in pids if (found := _state_and_parent(pid)) is not None and found[0] != "Z"
-    }
+    return {pid for pid in pids if (found := stat_fields(pid)) is not None and found[0] != "Z"}
 
 
 def command_line(pid: int) -> str:
