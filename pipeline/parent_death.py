@@ -4,7 +4,8 @@ torchrun starts every rank in a session of its own, and the pipeline starts ever
 in one too, so killing a launcher's process group (SIGKILL, an OOM kill) would leave ranks and
 servers running as orphans. A process that calls `exit_with_parent` gets SIGKILL when the
 thread that started it exits instead; through the chain launcher -> torchrun -> ranks ->
-servers, killing the launcher ends the whole run.
+servers, killing the launcher ends the whole run (a server's own children, which ask for this
+only once they have started, go with its process group: `pipeline.group_reaper`).
 """
 
 from __future__ import annotations
