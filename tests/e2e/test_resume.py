@@ -20,12 +20,12 @@ import pytest
 
 from megatron_dapo.ckpt.run_checkpoint import complete_checkpoints
 from tests.e2e.train_runs import (
-    alive,
     command_line,
     descendants,
     finish,
     start,
     step_records,
+    survivors,
     train_command,
 )
 
@@ -85,11 +85,8 @@ def _kill_when_logged(process: subprocess.Popen[bytes], run_dir: Path, log: Path
     # torchrun starts its ranks in sessions of their own: they die with their parent
     # (`pipeline.parent_death`), not with the launcher's process group, and so do the
     # processes they started.
-    deadline = time.monotonic() + 30.0
-    while alive(started) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    survivors = [command_line(pid) for pid in alive(started)]
-    assert not survivors, f"processes of the run outlived the killed launcher: {survivors}"
+    left = [command_line(pid) for pid in survivors(started, timeout_s=30.0)]
+    assert not left, f"processes of the run outlived the killed launcher: {left}"
 
 
 @pytest.mark.parametrize("staleness", [0, 1])

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from pipeline.group_reaper import stat_fields
@@ -80,13 +81,24 @@ def processes_mentioning(text: str) -> list[int]:
     return pids
 
 
-def descendants(pid: int) -> set[int]:
-    """PIDs of the live processes descended from `pid` (children, their children, ...)."""
+def _children_by_parent() -> dict[int, list[int]]:
+    """Every live process's PID under its parent's PID."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         child = int(stat.parent.name)
         if (found := stat_fields(child)) is not None and found[0] != "Z":
             children.setdefault(found[1], []).append(child)
+    return children
+
+
+def children(pid: int) -> set[int]:
+    """PIDs of `pid`'s live children."""
+    return set(_children_by_parent().get(pid, []))
+
+
+def descendants(pid: int) -> set[int]:
+    """PIDs of the live processes descended from `pid` (children, their children, ...)."""
+    children = _children_by_parent()
     found, frontier = set(), [pid]
     while frontier:
         for child in children.get(frontier.pop(), []):
@@ -98,6 +110,14 @@ def descendants(pid: int) -> set[int]:
 def alive(pids: set[int]) -> set[int]:
     """Those of `pids` that are still running (zombies count as ended)."""
     return {pid for pid in pids if (found := stat_fields(pid)) is not None and found[0] != "Z"}
+
+
+def survivors(pids: set[int], timeout_s: float) -> set[int]:
+    """Those of `pids` still running after waiting up to `timeout_s` for all of them to end."""
+    deadline = time.monotonic() + timeout_s
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive(pids)
 
 
 def command_line(pid: int) -> str:

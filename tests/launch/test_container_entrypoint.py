@@ -15,9 +15,8 @@ import pytest
 from launch_test_helpers import CPU_SGLANG_ARGS, DEMO_CONFIG, REPO, clean_env
 
 from megatron_dapo.config.loading import load_config
-from pipeline.group_reaper import stat_fields
 from pipeline.sglang_server import ManagedProcess, free_port, http_get
-from tests.e2e.train_runs import descendants
+from tests.e2e.train_runs import children
 
 ENTRYPOINT = REPO / "launch" / "container_entrypoint.sh"
 INITIAL_MODEL = REPO / "launch" / "initial_model.py"
@@ -164,7 +163,7 @@ def test_fleet_and_router_roles_serve_a_generation_on_cpu(tmp_path: Path) -> Non
         )
         # The role execs its process: the entrypoint (the group reaper's one child; the
         # container's main process) is the server itself.
-        (entrypoint,) = [pid for pid in descendants(fleet.pid) if stat_fields(pid)[1] == fleet.pid]
+        (entrypoint,) = children(fleet.pid)
         cmdline = Path(f"/proc/{entrypoint}/cmdline").read_bytes().split(b"\0")
         assert b"sglang.launch_server" in cmdline
 

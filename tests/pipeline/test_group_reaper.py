@@ -21,7 +21,7 @@ from pipeline.sglang_server import (
     free_port,
     sglang_server_argv,
 )
-from tests.e2e.train_runs import REPO, alive, command_line, descendants
+from tests.e2e.train_runs import REPO, command_line, descendants, survivors
 
 SPAWNER = """
 import os, subprocess, sys, time
@@ -66,14 +66,6 @@ def _wait_for_pids(pid_file: Path, timeout_s: float = 30.0) -> tuple[int, int]:
     return int(command), int(child)
 
 
-def _survivors(pids: set[int], timeout_s: float = 5.0) -> set[int]:
-    """Those of `pids` still running after up to `timeout_s` (SIGKILLed ones end promptly)."""
-    deadline = time.monotonic() + timeout_s
-    while alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return alive(pids)
-
-
 def _survivors_of_killed_owner(tmp_path: Path, how: str) -> set[int]:
     pid_file = tmp_path / "pids"
     spawner = [sys.executable, "-c", SPAWNER, str(pid_file), "60"]
@@ -83,7 +75,7 @@ def _survivors_of_killed_owner(tmp_path: Path, how: str) -> set[int]:
     finally:
         owner.kill()
         owner.wait()
-    return _survivors(started)
+    return survivors(started, timeout_s=5.0)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux-only")
@@ -93,11 +85,11 @@ def test_a_killed_owner_takes_the_commands_children_with_it(tmp_path: Path) -> N
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux-only")
 def test_without_the_reaper_the_commands_child_outlives_the_owner(tmp_path: Path) -> None:
-    survivors = _survivors_of_killed_owner(tmp_path, "direct")
+    left = _survivors_of_killed_owner(tmp_path, "direct")
     try:  # the control: the command dies with its owner, its child does not
-        assert len(survivors) == 1
+        assert len(left) == 1
     finally:
-        for pid in survivors:
+        for pid in left:
             os.kill(pid, signal.SIGKILL)
 
 
@@ -111,7 +103,7 @@ def test_a_command_that_exits_takes_its_children_and_keeps_its_code(tmp_path: Pa
         command, child = _wait_for_pids(pid_file)
         with pytest.raises(RuntimeError, match="exited with code 3"):
             process.wait_until(lambda: False, 30.0, "never")
-        assert _survivors({command, child}) == set()
+        assert survivors({command, child}, timeout_s=5.0) == set()
     finally:
         process.stop(grace_s=1.0)
 
@@ -134,9 +126,9 @@ def test_an_owner_killed_while_its_sglang_server_starts_leaves_no_process(
     finally:
         owner.kill()
         owner.wait()
-    survivors = _survivors(seen, timeout_s=10.0)
+    left = survivors(seen, timeout_s=10.0)
     try:
-        assert not survivors, [command_line(pid) for pid in survivors]
+        assert not left, [command_line(pid) for pid in left]
     finally:
-        for pid in survivors:
+        for pid in left:
             os.kill(pid, signal.SIGKILL)

@@ -6,11 +6,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.e2e.train_runs import REPO, alive
+from tests.e2e.train_runs import REPO, survivors
 
 PARENT = """
 import subprocess, sys, time
@@ -32,10 +31,7 @@ def _orphan_after_parent_killed(with_parent_death: bool) -> tuple[int, bool]:
     child = int(parent.stdout.readline())
     parent.kill()
     parent.wait()
-    deadline = time.monotonic() + 5.0
-    while alive({child}) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return child, bool(alive({child}))
+    return child, bool(survivors({child}, timeout_s=5.0))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux-only")
